@@ -1,0 +1,32 @@
+//! refold: event sourcing / CQRS in the Kappa style.
+//!
+//! Clients POST events over HTTP; refold appends them durably to a partitioned log
+//! (Kafka, or an embedded log by default) and folds them into read models.
+//!
+//! Module map, following a request:
+//!
+//! | module | role |
+//! |---|---|
+//! | [`cli`] | `refold serve` / `refold migrate`; the binary is a thin call into it |
+//! | [`config`] | settings from `refold.toml`, `REFOLD_*` and flags, validated once |
+//! | [`telemetry`] | tracing: human or JSON logs |
+//! | [`server`] | wiring and graceful shutdown: log, migrations, write path, HTTP |
+//! | [`http`] | the axum router: ingest endpoints, health |
+//! | [`error`] | [`error::ApiError`]: every error's status, code and JSON shape |
+//! | [`event`] | request parsing and validation, the event envelope in the log |
+//! | [`writer`] | the write path: versions, expected-version checks, idempotency, group commit, stream heads |
+//! | [`position`] | position tokens returned by appends (read-your-writes) |
+//! | [`log`] | the event-log port and its adapters: [`log::embedded`] (redb), [`log::kafka`] (rdkafka) |
+//! | [`migrate`] | `migrations/*.toml`: topics created or checked, applied once, recorded |
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod http;
+pub mod log;
+pub mod migrate;
+pub mod position;
+pub mod server;
+pub mod telemetry;
+pub mod writer;

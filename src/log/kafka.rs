@@ -1,0 +1,389 @@
+//! The Kafka event-log adapter (rdkafka).
+//!
+//! Producer: idempotent, `acks=all`, explicit partitions chosen by the caller,
+//! bounded by `message.timeout.ms`: a record that is not confirmed in time fails
+//! its delivery report, and [`EventLog::append`] returns `Err` (never `Ok` for a
+//! record without a positive delivery report). Readers assign one partition each
+//! (no consumer-group offsets: positions belong to refold) and run librdkafka's
+//! blocking calls on the blocking thread pool.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{
+    ConsumedRecord, Created, EventLog, LogError, LogResult, PartitionReader, ProduceRecord,
+    ReadBatch, Record, TopicInfo, TopicSpec,
+};
+
+pub struct KafkaLog {
+    brokers: String,
+    timeout: Duration,
+    /// Replaced after a failed append (see [`KafkaLog::reset_producer`]).
+    producer: RwLock<FutureProducer>,
+    admin: AdminClient<DefaultClientContext>,
+}
+
+fn kafka_err(e: KafkaError) -> LogError {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownPartition) => {
+            LogError::UnknownTopic(e.to_string())
+        }
+        Some(
+            RDKafkaErrorCode::MessageTimedOut
+            | RDKafkaErrorCode::RequestTimedOut
+            | RDKafkaErrorCode::OperationTimedOut
+            | RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::NetworkException
+            | RDKafkaErrorCode::QueueFull
+            | RDKafkaErrorCode::NotEnoughReplicas
+            | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
+            | RDKafkaErrorCode::LeaderNotAvailable
+            | RDKafkaErrorCode::NotLeaderForPartition,
+        ) => LogError::Unavailable(e.to_string()),
+        _ => LogError::Other(e.to_string()),
+    }
+}
+
+fn new_producer(brokers: &str, timeout: Duration) -> Result<FutureProducer, KafkaError> {
+    let ms = timeout.as_millis().max(1000).to_string();
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        // Topics come from migrations only: a metadata lookup (describe_topic) must
+        // not make a broker with auto.create.topics.enable create a default topic.
+        .set("allow.auto.create.topics", "false")
+        // Room for the largest record refold writes (writer::MAX_RECORD_BYTES) plus
+        // protocol overhead; librdkafka's default would refuse it.
+        .set("message.max.bytes", "2000000")
+        .set("message.timeout.ms", &ms)
+        .set("linger.ms", "2")
+        .set("socket.timeout.ms", &ms)
+        .create()
+}
+
+impl KafkaLog {
+    /// Connects lazily: librdkafka dials the brokers on first use.
+    pub fn new(brokers: &str, timeout: Duration) -> anyhow::Result<Self> {
+        let producer = new_producer(brokers, timeout)
+            .map_err(|e| anyhow::anyhow!("cannot create Kafka producer for {brokers}: {e}"))?;
+        let admin = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .map_err(|e| anyhow::anyhow!("cannot create Kafka admin client for {brokers}: {e}"))?;
+        Ok(Self {
+            brokers: brokers.to_owned(),
+            timeout,
+            producer: RwLock::new(producer),
+            admin,
+        })
+    }
+
+    fn producer(&self) -> FutureProducer {
+        self.producer.read().expect("producer lock").clone()
+    }
+
+    /// After a failed append the producer may hold requests and idempotence state
+    /// (producer id, sequence numbers) that a restarted broker no longer knows:
+    /// tansu then drops the connection on every retry. A fresh producer starts
+    /// clean; the old one is dropped off the runtime (its drop purges and waits).
+    async fn reset_producer(&self) {
+        match new_producer(&self.brokers, self.timeout) {
+            Ok(fresh) => {
+                let old =
+                    std::mem::replace(&mut *self.producer.write().expect("producer lock"), fresh);
+                let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot recreate the Kafka producer"),
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&FutureProducer, Duration) -> LogResult<T> + Send + 'static,
+    ) -> LogResult<T> {
+        let producer = self.producer();
+        let timeout = self.timeout;
+        tokio::task::spawn_blocking(move || f(&producer, timeout))
+            .await
+            .map_err(|e| LogError::Other(e.to_string()))?
+    }
+}
+
+#[async_trait]
+impl EventLog for KafkaLog {
+    fn backend(&self) -> &'static str {
+        "kafka"
+    }
+
+    async fn create_topic(&self, spec: &TopicSpec) -> LogResult<Created> {
+        let mut topic = NewTopic::new(
+            &spec.name,
+            spec.partitions as i32,
+            TopicReplication::Fixed(spec.replication_factor),
+        );
+        for (k, v) in &spec.config {
+            topic = topic.set(k, v);
+        }
+        let opts = AdminOptions::new().operation_timeout(Some(self.timeout));
+        let results = self
+            .admin
+            .create_topics([&topic], &opts)
+            .await
+            .map_err(kafka_err)?;
+        match results.into_iter().next() {
+            Some(Ok(_)) => Ok(Created::Created),
+            Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(Created::AlreadyExists),
+            Some(Err((name, code))) => Err(kafka_err(KafkaError::AdminOp(code)).context_for(&name)),
+            None => Err(LogError::Other(format!(
+                "no CreateTopics result for {}",
+                spec.name
+            ))),
+        }
+    }
+
+    async fn describe_topic(&self, name: &str) -> LogResult<Option<TopicInfo>> {
+        let name = name.to_owned();
+        let brokers = self.brokers.clone();
+        self.blocking(move |p, timeout| {
+            let md = p
+                .client()
+                .fetch_metadata(Some(&name), timeout)
+                .map_err(|e| {
+                    LogError::Unavailable(format!("cannot reach Kafka at {brokers}: {e}"))
+                })?;
+            let Some(t) = md.topics().iter().find(|t| t.name() == name) else {
+                return Ok(None);
+            };
+            match t.error() {
+                None if !t.partitions().is_empty() => Ok(Some(TopicInfo {
+                    partitions: t.partitions().len() as u32,
+                })),
+                _ => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn append(&self, records: Vec<ProduceRecord>) -> LogResult<Vec<u64>> {
+        let producer = self.producer();
+        let mut pending = Vec::with_capacity(records.len());
+        for r in &records {
+            let mut headers = OwnedHeaders::new_with_capacity(r.record.headers.len());
+            for (k, v) in &r.record.headers {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+            let mut fr = FutureRecord::to(&r.topic)
+                .partition(r.partition as i32)
+                .key(r.record.key.as_str())
+                .headers(headers)
+                .timestamp(r.record.timestamp_ms);
+            if let Some(v) = &r.record.value {
+                fr = fr.payload(v.as_slice());
+            }
+            // Enqueue everything first so the batch shares produce requests.
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            loop {
+                match producer.send_result(fr) {
+                    Ok(f) => {
+                        pending.push(f);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                        if tokio::time::Instant::now() < deadline =>
+                    {
+                        fr = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => {
+                        drop((producer, pending));
+                        self.reset_producer().await;
+                        return Err(kafka_err(e));
+                    }
+                }
+            }
+        }
+        let mut offsets = Vec::with_capacity(pending.len());
+        let mut first_error = None;
+        for f in pending {
+            match f.await {
+                Ok(Ok(d)) => offsets.push(d.offset as u64),
+                Ok(Err((e, _))) => {
+                    first_error.get_or_insert(kafka_err(e));
+                }
+                Err(_) => {
+                    first_error.get_or_insert(LogError::Other("Kafka producer dropped".into()));
+                }
+            }
+        }
+        match first_error {
+            None => Ok(offsets),
+            Some(e) => {
+                drop(producer);
+                self.reset_producer().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn end_offsets(&self, topic: &str) -> LogResult<Vec<u64>> {
+        let partitions = self
+            .describe_topic(topic)
+            .await?
+            .ok_or_else(|| LogError::UnknownTopic(topic.to_owned()))?
+            .partitions;
+        let topic = topic.to_owned();
+        self.blocking(move |p, timeout| {
+            (0..partitions)
+                .map(|part| {
+                    let (_, high) = p
+                        .client()
+                        .fetch_watermarks(&topic, part as i32, timeout)
+                        .map_err(kafka_err)?;
+                    Ok(high.max(0) as u64)
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn reader(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+    ) -> LogResult<Box<dyn PartitionReader>> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", "refold-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "100")
+            .create()
+            .map_err(kafka_err)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition as i32, Offset::Offset(from as i64))
+            .map_err(kafka_err)?;
+        consumer.assign(&tpl).map_err(kafka_err)?;
+        Ok(Box::new(KafkaReader {
+            consumer: Arc::new(consumer),
+            topic: topic.to_owned(),
+            partition,
+            pos: from,
+        }))
+    }
+
+    async fn flush(&self) -> LogResult<()> {
+        self.blocking(|p, timeout| p.flush(timeout).map_err(kafka_err))
+            .await
+    }
+}
+
+trait Context {
+    fn context_for(self, what: &str) -> Self;
+}
+
+impl Context for LogError {
+    fn context_for(self, what: &str) -> Self {
+        match self {
+            LogError::Unavailable(m) => LogError::Unavailable(format!("{what}: {m}")),
+            LogError::UnknownTopic(m) => LogError::UnknownTopic(format!("{what}: {m}")),
+            LogError::Other(m) => LogError::Other(format!("{what}: {m}")),
+        }
+    }
+}
+
+struct KafkaReader {
+    consumer: Arc<BaseConsumer>,
+    topic: String,
+    partition: u32,
+    pos: u64,
+}
+
+impl Drop for KafkaReader {
+    fn drop(&mut self) {
+        // Closing a consumer blocks on librdkafka: keep that off the async workers.
+        let consumer = self.consumer.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn_blocking(move || drop(consumer));
+        }
+    }
+}
+
+#[async_trait]
+impl PartitionReader for KafkaReader {
+    async fn next(&mut self, max: usize, wait: Duration) -> LogResult<ReadBatch> {
+        let consumer = self.consumer.clone();
+        let (topic, partition, pos) = (self.topic.clone(), self.partition, self.pos);
+        let batch = tokio::task::spawn_blocking(move || {
+            let mut records = Vec::new();
+            let mut timeout = wait;
+            while records.len() < max.max(1) {
+                let Some(msg) = consumer.poll(timeout) else {
+                    break;
+                };
+                timeout = Duration::ZERO;
+                let msg = msg.map_err(kafka_err)?;
+                if msg.partition() as u32 != partition || msg.topic() != topic {
+                    continue;
+                }
+                let headers = msg
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                records.push(ConsumedRecord {
+                    partition,
+                    offset: msg.offset() as u64,
+                    record: Record {
+                        key: String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
+                        value: msg.payload().map(<[u8]>::to_vec),
+                        headers,
+                        timestamp_ms: msg.timestamp().to_millis().unwrap_or(0),
+                    },
+                });
+            }
+            let next_offset = match records.last() {
+                Some(r) => r.offset + 1,
+                // The consumer's position skips compacted-away offsets.
+                None => consumer
+                    .position()
+                    .ok()
+                    .and_then(
+                        |tpl| match tpl.find_partition(&topic, partition as i32)?.offset() {
+                            Offset::Offset(o) if o >= 0 => Some(o as u64),
+                            _ => None,
+                        },
+                    )
+                    .unwrap_or(pos)
+                    .max(pos),
+            };
+            Ok(ReadBatch {
+                records,
+                next_offset,
+            })
+        })
+        .await
+        .map_err(|e| LogError::Other(e.to_string()))??;
+        self.pos = batch.next_offset;
+        Ok(batch)
+    }
+}

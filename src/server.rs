@@ -1,0 +1,121 @@
+//! Wiring: open the log, check or apply migrations, start the write path, serve.
+//!
+//! Shutdown protocol (SIGINT/SIGTERM): stop accepting connections and wait for the
+//! requests in flight (each waits for its write to be durable), then drop the last
+//! writer handle: the writer finishes its queue, writes a final stream-heads
+//! snapshot and flushes the log. Only then does the process exit.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::config::{Config, LogBackend};
+use crate::http::{AppState, app};
+use crate::log::EventLog;
+use crate::log::embedded::EmbeddedLog;
+use crate::log::kafka::KafkaLog;
+use crate::migrate;
+use crate::writer::{Writer, WriterConfig, WriterTask};
+
+/// Opens the configured event log.
+pub fn open_log(config: &Config) -> anyhow::Result<Arc<dyn EventLog>> {
+    Ok(match config.log {
+        LogBackend::Embedded => Arc::new(EmbeddedLog::open(&config.data_dir)?),
+        LogBackend::Kafka => {
+            let brokers = config
+                .kafka_brokers
+                .as_deref()
+                .context("--kafka-brokers is required")?;
+            Arc::new(KafkaLog::new(brokers, config.kafka_timeout)?)
+        }
+    })
+}
+
+pub fn writer_config(config: &Config) -> WriterConfig {
+    WriterConfig {
+        events_topic: config.topic(migrate::EVENTS),
+        heads_topic: config.topic(migrate::STREAM_HEADS),
+        buffer_bytes: config.ingest_buffer,
+        max_batch_events: config.max_batch_events,
+        idempotency_window: config.idempotency_window,
+        snapshot_every: config.snapshot_every,
+        snapshot_interval: Duration::from_secs(1),
+    }
+}
+
+/// A started service, not yet serving HTTP.
+pub struct Refold {
+    pub state: AppState,
+    pub log: Arc<dyn EventLog>,
+    writer_task: WriterTask,
+}
+
+impl Refold {
+    /// Migrates (or checks migrations) and recovers the write path on `log`.
+    pub async fn start(config: &Config, log: Arc<dyn EventLog>) -> anyhow::Result<Refold> {
+        let migrations = migrate::load(&config.migrations)?;
+        if config.auto_migrate {
+            let report = migrate::migrate(&*log, &migrations, &config.topic_prefix).await?;
+            if !report.applied.is_empty() {
+                info!(applied = ?report.applied, "migrations applied at start");
+            }
+        } else {
+            migrate::check(&*log, &migrations, &config.topic_prefix).await?;
+        }
+        let (writer, writer_task) = Writer::start(log.clone(), writer_config(config)).await?;
+        Ok(Refold {
+            state: AppState {
+                writer,
+                body_limit: config.body_limit,
+            },
+            log,
+            writer_task,
+        })
+    }
+
+    /// Drains the write path: queued appends are written, the stream heads
+    /// snapshotted and the log flushed. Appends arriving later get 503.
+    pub async fn stop(self) {
+        self.writer_task.stop().await;
+    }
+}
+
+/// Serves until `shutdown` resolves, then shuts down gracefully.
+pub async fn run(
+    config: &Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let refold = Refold::start(config, open_log(config)?).await?;
+    let addr = listener.local_addr()?;
+    info!(%addr, log = refold.log.backend(), "refold listening");
+    axum::serve(listener, app(refold.state.clone()))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("HTTP server failed")?;
+    info!("stopped accepting requests; draining the write path");
+    refold.stop().await;
+    info!("shutdown complete");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    info!("shutdown signal received");
+}

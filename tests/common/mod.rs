@@ -1,0 +1,303 @@
+//! Helpers shared by the integration tests: configs, unique names, an HTTP client
+//! for the in-process router, and a spawned `refold` process.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Request, StatusCode};
+use http_body_util::BodyExt;
+use refold::config::{Config, LogBackend, Settings};
+use serde_json::Value;
+use tower::ServiceExt;
+
+/// The Kafka-API broker the suite runs against (`scripts/test.sh` starts tansu).
+pub fn kafka_brokers() -> String {
+    std::env::var("TEST_KAFKA_BROKERS").expect(
+        "TEST_KAFKA_BROKERS is not set: run the suite with scripts/test.sh, which starts tansu on 127.0.0.1:9092",
+    )
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "t{}-{}-{}-{tag}",
+        std::process::id(),
+        nanos,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn migrations_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations")
+}
+
+pub fn embedded_config(data_dir: &Path) -> Config {
+    Config::from_settings(Settings {
+        data_dir: Some(data_dir.to_owned()),
+        migrations: Some(migrations_dir()),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// Kafka config with a topic prefix of its own, migrated on start.
+pub fn kafka_config(prefix: &str) -> Config {
+    Config::from_settings(Settings {
+        log: Some(LogBackend::Kafka),
+        kafka_brokers: Some(kafka_brokers()),
+        topic_prefix: Some(format!("{prefix}.")),
+        migrations: Some(migrations_dir()),
+        auto_migrate: Some(true),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+/// Sends one request through the router (no socket).
+pub async fn call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    content_type: &str,
+    body: impl Into<Body>,
+) -> Resp {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", content_type)
+        .body(body.into())
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
+    };
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+pub async fn post_json(app: &Router, uri: &str, body: Value) -> Resp {
+    call(app, "POST", uri, "application/json", body.to_string()).await
+}
+
+/// Polls `f` until it returns `Some`, or panics after `secs`.
+pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    secs: u64,
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A `refold serve` child process on a free port.
+pub struct Proc {
+    pub child: Child,
+    pub base: String,
+    pub log_path: std::path::PathBuf,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Proc {
+    /// Starts `refold serve` with `args` and waits until /healthz answers.
+    pub async fn serve(args: &[&str], log_dir: &Path) -> Proc {
+        let port = free_port();
+        let log_path = log_dir.join(format!("refold-{port}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_refold"))
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--migrations", migrations_dir().to_str().unwrap()])
+            .args(args)
+            .env_remove("REFOLD_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut p = Proc {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            log_path,
+        };
+        let client = reqwest::Client::new();
+        let url = format!("{}/healthz", p.base);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if client
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return p;
+            }
+            if let Some(status) = p.child.try_wait().unwrap() {
+                panic!("refold exited with {status} before serving:\n{}", p.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "refold did not start:\n{}",
+                p.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -TERM failed");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "refold ignored SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every record of `topic`, as (partition, offset, record).
+pub async fn events(
+    log: &dyn refold::log::EventLog,
+    topic: &str,
+) -> Vec<(u32, u64, refold::log::Record)> {
+    let ends = log.end_offsets(topic).await.unwrap();
+    let mut out = Vec::new();
+    for (p, end) in ends.into_iter().enumerate() {
+        refold::log::scan(log, topic, p as u32, 0, end, |r| {
+            out.push((p as u32, r.offset, r.record));
+            Ok(())
+        })
+        .await
+        .unwrap();
+    }
+    out
+}
+
+/// The versions of `stream` in log order.
+pub async fn stream_versions(
+    log: &dyn refold::log::EventLog,
+    topic: &str,
+    stream: &str,
+) -> Vec<u64> {
+    envelopes(log, topic)
+        .await
+        .into_iter()
+        .filter(|e| e.stream == stream)
+        .map(|e| e.version)
+        .collect()
+}
+
+pub async fn envelopes(
+    log: &dyn refold::log::EventLog,
+    topic: &str,
+) -> Vec<refold::event::Envelope> {
+    events(log, topic)
+        .await
+        .into_iter()
+        .map(|(_, _, r)| serde_json::from_slice(r.value.as_ref().unwrap()).unwrap())
+        .collect()
+}
+
+/// Routes refold's logs into the test's captured output (shown when it fails).
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// Sends `n` copies of one append at once; the answers, in no particular order.
+pub async fn race(app: &Router, uri: &str, body: Value, n: usize) -> Vec<Resp> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (app, uri, body) = (app.clone(), uri.to_owned(), body.clone());
+            tokio::spawn(async move { post_json(&app, &uri, body).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    answers
+}
+
+/// I3: exactly one 201, at `version`; every other answer a 409 with the error shape.
+pub fn assert_one_winner(answers: &[Resp], version: u64) {
+    let statuses: Vec<u16> = answers.iter().map(|r| r.status.as_u16()).collect();
+    let wins: Vec<&Resp> = answers.iter().filter(|r| r.status == 201).collect();
+    let conflicts = answers
+        .iter()
+        .filter(|r| r.status == 409 && r.body["error"]["code"] == "wrong_expected_version")
+        .count();
+    assert_eq!(
+        (wins.len(), conflicts),
+        (1, answers.len() - 1),
+        "{statuses:?}"
+    );
+    assert_eq!(wins[0].body["first_version"], version, "{:?}", wins[0].body);
+}
