@@ -126,6 +126,9 @@ pub struct Settings {
     /// Snapshot stream heads after this many events [default: 10000]
     #[arg(long, env = "REFOLD_SNAPSHOT_EVERY", value_name = "N")]
     pub snapshot_every: Option<u64>,
+    /// Most events a projection folds into one store write [default: 1000]
+    #[arg(long, env = "REFOLD_PROJECTION_BATCH", value_name = "N")]
+    pub projection_batch: Option<usize>,
 }
 
 macro_rules! layer {
@@ -154,7 +157,8 @@ impl Settings {
             max_batch_events,
             idempotency_window,
             kafka_timeout_ms,
-            snapshot_every
+            snapshot_every,
+            projection_batch
         )
     }
 
@@ -222,6 +226,7 @@ pub struct Config {
     pub idempotency_window: usize,
     pub kafka_timeout: Duration,
     pub snapshot_every: u64,
+    pub projection_batch: usize,
 }
 
 impl Config {
@@ -272,6 +277,7 @@ impl Config {
             idempotency_window: positive("idempotency_window", s.idempotency_window, 100_000)?,
             kafka_timeout: Duration::from_millis(s.kafka_timeout_ms.unwrap_or(10_000).max(1000)),
             snapshot_every: s.snapshot_every.unwrap_or(10_000).max(1),
+            projection_batch: positive("projection_batch", s.projection_batch, 1000)?,
         })
     }
 

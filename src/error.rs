@@ -50,6 +50,23 @@ pub enum ApiError {
     /// may not be in the log: retry with the same event ids).
     #[error("{message}")]
     LogUnavailable { message: String, retry_after: u64 },
+    /// 503 `not_caught_up`: a query's `after` position was not applied within
+    /// `wait_ms`; retry, or ask without `after` for the current state.
+    #[error("projection {projection} has not applied position {position} within {waited_ms} ms")]
+    NotCaughtUp {
+        projection: String,
+        position: String,
+        waited_ms: u64,
+    },
+    /// 409 `replay_in_progress`: one replay per projection at a time.
+    #[error("{0}")]
+    ReplayInProgress(String),
+    /// 422 `invalid_definition`: a projection definition does not parse or validate.
+    #[error("{0}")]
+    InvalidDefinition(String),
+    /// 503 `store_unavailable`: the read-model store cannot be reached; retry.
+    #[error("{0}")]
+    StoreUnavailable(String),
     /// 503 `not_ready`: see `GET /readyz`.
     #[error("{0}")]
     NotReady(String),
@@ -85,7 +102,13 @@ impl ApiError {
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::WrongExpectedVersion { .. } | Self::DuplicateEventId(_) => StatusCode::CONFLICT,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::LogUnavailable { .. } | Self::NotReady(_) | Self::ShuttingDown => {
+            Self::ReplayInProgress(_) => StatusCode::CONFLICT,
+            Self::InvalidDefinition(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::LogUnavailable { .. }
+            | Self::NotReady(_)
+            | Self::ShuttingDown
+            | Self::NotCaughtUp { .. }
+            | Self::StoreUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::NotFound(_) => StatusCode::NOT_FOUND,
@@ -107,6 +130,10 @@ impl ApiError {
             Self::LogUnavailable { .. } => "log_unavailable",
             Self::ShuttingDown => "shutting_down",
             Self::NotFound(_) => "not_found",
+            Self::NotCaughtUp { .. } => "not_caught_up",
+            Self::ReplayInProgress(_) => "replay_in_progress",
+            Self::InvalidDefinition(_) => "invalid_definition",
+            Self::StoreUnavailable(_) => "store_unavailable",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Internal(_) => "internal",
         }
@@ -118,6 +145,7 @@ impl ApiError {
                 Some(*retry_after)
             }
             Self::ShuttingDown | Self::NotReady(_) => Some(5),
+            Self::NotCaughtUp { .. } | Self::StoreUnavailable(_) => Some(1),
             _ => None,
         }
     }
@@ -145,6 +173,15 @@ impl ApiError {
                 e.insert("stream".into(), stream.clone().into());
                 e.insert("expected".into(), (*expected).into());
                 e.insert("actual".into(), (*actual).into());
+            }
+            Self::NotCaughtUp {
+                projection,
+                position,
+                waited_ms,
+            } => {
+                e.insert("projection".into(), projection.clone().into());
+                e.insert("position".into(), position.clone().into());
+                e.insert("waited_ms".into(), (*waited_ms).into());
             }
             _ => {}
         }

@@ -1,4 +1,4 @@
-//! The HTTP API (axum): ingest and operations. `app(state)` is the whole router,
+//! The HTTP API (axum): ingest, read side ([`crate::query`]) and operations. `app(state)` is the whole router,
 //! so tests drive it with `oneshot` exactly as a socket would.
 
 use axum::body::{Body, Bytes};
@@ -13,6 +13,8 @@ use serde_json::{Value, json};
 use crate::error::ApiError;
 use crate::event::{AppendInput, parse_bulk_item, parse_stream_append};
 use crate::position::Position;
+use crate::projection::engine::Engine;
+use crate::query;
 use crate::writer::{Appended, Ticket, Writer};
 
 /// How long a request body may take to arrive.
@@ -21,6 +23,7 @@ const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 #[derive(Clone)]
 pub struct AppState {
     pub writer: Writer,
+    pub engine: std::sync::Arc<Engine>,
     pub body_limit: usize,
 }
 
@@ -28,6 +31,14 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/streams/{stream}/events", post(append_to_stream))
         .route("/events", post(append_bulk))
+        .route("/views/{projection}/{key}", get(query::view))
+        .route("/views/{projection}/rankings/{name}", get(query::ranking))
+        .route("/projections", get(query::list))
+        .route("/projections/{name}", get(query::status))
+        .route(
+            "/projections/{name}/replay",
+            post(query::start_replay).delete(query::cancel_replay),
+        )
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .fallback(|| async {
@@ -38,13 +49,19 @@ pub fn app(state: AppState) -> Router {
 }
 
 async fn readyz(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
-    if s.writer.is_healthy() {
-        Ok(Json(json!({"status": "ready"})))
-    } else {
-        Err(ApiError::NotReady(
+    if !s.writer.is_healthy() {
+        return Err(ApiError::NotReady(
             "the write path is re-reading the event log after a failed write".into(),
-        ))
+        ));
     }
+    let failed = s.engine.failed();
+    if !failed.is_empty() {
+        return Err(ApiError::NotReady(format!(
+            "projections halted on an event they cannot apply: {}; see GET /projections",
+            failed.join(", ")
+        )));
+    }
+    Ok(Json(json!({"status": "ready"})))
 }
 
 /// Reserves write-path room for the body, then reads it within the limit.

@@ -3,7 +3,9 @@
 //! Shutdown protocol (SIGINT/SIGTERM): stop accepting connections and wait for the
 //! requests in flight (each waits for its write to be durable), then drop the last
 //! writer handle: the writer finishes its queue, writes a final stream-heads
-//! snapshot and flushes the log. Only then does the process exit.
+//! snapshot and flushes the log. Then the projection workers stop after the batch
+//! each has in flight (batch and checkpoint are committed together, so stopping
+//! anywhere is safe). Only then does the process exit.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::{Config, LogBackend};
 use crate::http::{AppState, app};
@@ -19,6 +21,10 @@ use crate::log::EventLog;
 use crate::log::embedded::EmbeddedLog;
 use crate::log::kafka::KafkaLog;
 use crate::migrate;
+use crate::projection::engine::{self, Engine, EngineConfig};
+use crate::projection::store::KvStore;
+use crate::projection::store::embedded::EmbeddedKv;
+use crate::projection::store::redis::RedisStore;
 use crate::writer::{Writer, WriterConfig, WriterTask};
 
 /// Opens the configured event log.
@@ -32,6 +38,19 @@ pub fn open_log(config: &Config) -> anyhow::Result<Arc<dyn EventLog>> {
                 .context("--kafka-brokers is required")?;
             Arc::new(KafkaLog::new(brokers, config.kafka_timeout)?)
         }
+    })
+}
+
+/// Opens the key-value read-model store: Redis when `--redis-url` is set, the
+/// embedded stand-in under the data directory otherwise.
+pub async fn open_kv(config: &Config) -> anyhow::Result<Arc<dyn KvStore>> {
+    Ok(match &config.redis_url {
+        Some(url) => Arc::new(
+            RedisStore::connect(url, &config.topic_prefix)
+                .await
+                .with_context(|| format!("cannot use Redis at {url} (--redis-url)"))?,
+        ),
+        None => Arc::new(EmbeddedKv::open(&config.data_dir)?),
     })
 }
 
@@ -66,10 +85,33 @@ impl Refold {
         } else {
             migrate::check(&*log, &migrations, &config.topic_prefix).await?;
         }
+        let defs = engine::load_dir(&config.projections)?;
+        if defs.is_empty() {
+            warn!(dir = %config.projections.display(), "no projection definitions found; only ingest is served");
+        }
+        let store = if defs.is_empty() { None } else { Some(open_kv(config).await?) };
+        let events = config.topic(migrate::EVENTS);
+        let partitions = log
+            .describe_topic(&events)
+            .await?
+            .with_context(|| format!("topic {events} does not exist; run `refold migrate`"))?
+            .partitions;
+        let engine = Engine::start(
+            log.clone(),
+            store,
+            defs,
+            EngineConfig {
+                topic: events,
+                partitions,
+                batch: config.projection_batch,
+            },
+        )
+        .await?;
         let (writer, writer_task) = Writer::start(log.clone(), writer_config(config)).await?;
         Ok(Refold {
             state: AppState {
                 writer,
+                engine: Arc::new(engine),
                 body_limit: config.body_limit,
             },
             log,
@@ -77,10 +119,12 @@ impl Refold {
         })
     }
 
-    /// Drains the write path: queued appends are written, the stream heads
-    /// snapshotted and the log flushed. Appends arriving later get 503.
+    /// Drains the write path (queued appends are written, the stream heads
+    /// snapshotted and the log flushed; appends arriving later get 503), then stops
+    /// the projection workers after the batch each has in flight.
     pub async fn stop(self) {
         self.writer_task.stop().await;
+        self.state.engine.stop().await;
     }
 }
 

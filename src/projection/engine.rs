@@ -1,0 +1,742 @@
+//! The projection engine: workers that fold the log into read models, replays
+//! that rebuild them beside the live ones, and the status of it all.
+//!
+//! Workers. Each generation of a projection runs one worker per partition of the
+//! events topic. A worker owns its position: it reads the checkpoint from the store
+//! (never a consumer-group commit), reads a micro-batch from the log, folds it
+//! ([`super::fold`]) and commits effects and checkpoint in one atomic step
+//! ([`KvSession::commit`]). A crash between batches loses nothing and applies
+//! nothing twice (I6). When the commit finds a checkpoint it did not expect, the
+//! worker was fenced (another process moved the partition on, or the store lost its
+//! data): it applies nothing, re-reads the checkpoint and resumes from there, from
+//! offset 0 if the checkpoint is gone, which rebuilds what the store lost. An idle
+//! worker checks its checkpoint every few seconds for the same reason.
+//!
+//! Replay (I7). A replay writes generation N+1 from offset 0 while N keeps serving
+//! and keeps following the log. When N+1 has reached the log's end as it was when
+//! the replay began, N's workers stop, N+1 catches up to where N stopped (so reads
+//! never go back in time), the meta record is switched in one write, and N is
+//! dropped once the queries still reading it have finished. A bumped `version` in a
+//! definition file starts the same replay at start-up; an unfinished replay resumes
+//! from its checkpoints after a restart.
+//!
+//! Read-your-writes (I10). Each generation publishes the offsets it has applied;
+//! [`Generation::wait_for`] waits until a position token is covered.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use super::def::{self, DefError, Definition};
+use super::fold::{self, DocReads, Input};
+use super::store::{Commit, GenInfo, GenRef, KvStore, Meta, StoreError};
+use crate::error::ApiError;
+use crate::event::Envelope;
+use crate::log::{ConsumedRecord, EventLog};
+use crate::position::Position;
+
+/// How long a worker waits on an empty partition before it looks again.
+const POLL_WAIT: Duration = Duration::from_millis(200);
+/// How often an idle worker checks that its checkpoint is still there.
+const IDLE_CHECK: Duration = Duration::from_secs(2);
+/// Pause before a worker retries after an error.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// Window of the events/s figures.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// Loads every `*.toml` of `dir`, sorted by name. A missing directory is no
+/// projections; any bad file fails the whole load with its file, line and reason.
+pub fn load_dir(dir: &Path) -> Result<Vec<Definition>, DefError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(Vec::new());
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    files.iter().map(|f| load_file(f)).collect()
+}
+
+pub fn load_file(file: &Path) -> Result<Definition, DefError> {
+    let source = std::fs::read_to_string(file).map_err(|e| DefError {
+        file: file.display().to_string(),
+        line: 0,
+        reason: format!("cannot read: {e}"),
+    })?;
+    def::parse(file, &source)
+}
+
+/// What the workers share.
+struct Ctx {
+    log: Arc<dyn EventLog>,
+    topic: String,
+    partitions: u32,
+    batch: usize,
+    /// Set at shutdown: replays stop without being dropped, to resume at start.
+    shutting_down: AtomicBool,
+}
+
+/// Events/s over the last [`RATE_WINDOW`].
+#[derive(Default)]
+struct Rate(VecDeque<(Instant, u64)>);
+
+impl Rate {
+    fn record(&mut self, total: u64) {
+        let now = Instant::now();
+        self.0.push_back((now, total));
+        while self.0.len() > 2 && self.0.front().is_some_and(|(t, _)| now - *t > RATE_WINDOW) {
+            self.0.pop_front();
+        }
+    }
+
+    fn per_sec(&self) -> f64 {
+        match (self.0.front(), self.0.back()) {
+            (Some((t0, n0)), Some((t1, n1))) if t1 > t0 && t1.elapsed() < RATE_WINDOW => {
+                (n1 - n0) as f64 / (*t1 - *t0).as_secs_f64()
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+/// One generation of a projection, with its running workers.
+pub struct Generation {
+    pub info: GenInfo,
+    pub id: GenRef,
+    pub def: Arc<Definition>,
+    store: Arc<dyn KvStore>,
+    /// Next offset to read per partition, as committed.
+    applied: watch::Sender<Vec<u64>>,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Records folded by this process (all types, for rates and progress).
+    records: AtomicU64,
+    rate: Mutex<Rate>,
+    failed: Mutex<Option<String>>,
+}
+
+impl Generation {
+    fn start(ctx: &Arc<Ctx>, store: Arc<dyn KvStore>, info: GenInfo, def: Arc<Definition>) -> Arc<Self> {
+        let g = Arc::new(Generation {
+            id: GenRef {
+                projection: def.name.clone(),
+                generation: info.generation,
+            },
+            info,
+            def,
+            store,
+            applied: watch::channel(vec![0; ctx.partitions as usize]).0,
+            stop: watch::channel(false).0,
+            tasks: Mutex::new(Vec::new()),
+            records: AtomicU64::new(0),
+            rate: Mutex::new(Rate::default()),
+            failed: Mutex::new(None),
+        });
+        let tasks = (0..ctx.partitions)
+            .map(|p| tokio::spawn(worker(ctx.clone(), g.clone(), p)))
+            .collect();
+        *g.tasks.lock().unwrap() = tasks;
+        g
+    }
+
+    /// Stops the workers and waits for them (a batch in flight finishes first).
+    async fn halt_workers(&self) {
+        self.stop.send_replace(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap());
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    pub fn applied(&self) -> Vec<u64> {
+        self.applied.borrow().clone()
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.failed.lock().unwrap().clone()
+    }
+
+    /// Waits until every offset of `pos` is applied; `false` on timeout.
+    pub async fn wait_for(&self, pos: &Position, timeout: Duration) -> bool {
+        let covered = |applied: &Vec<u64>| {
+            pos.entries()
+                .all(|(p, o)| applied.get(p as usize).is_some_and(|a| *a > o))
+        };
+        let mut rx = self.applied.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if covered(&rx.borrow_and_update()) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return covered(&rx.borrow()),
+            }
+        }
+    }
+
+    fn record(&self, n: u64) {
+        let total = self.records.fetch_add(n, Ordering::Relaxed) + n;
+        self.rate.lock().unwrap().record(total);
+    }
+
+    fn per_sec(&self) -> f64 {
+        self.rate.lock().unwrap().per_sec()
+    }
+}
+
+fn decode(r: ConsumedRecord) -> Input {
+    let event = match &r.record.value {
+        None => Err("tombstone (erased event)".to_owned()),
+        Some(v) => serde_json::from_slice::<Envelope>(v)
+            .map_err(|e| format!("not an event envelope: {e}")),
+    };
+    Input {
+        partition: r.partition,
+        offset: r.offset,
+        event,
+    }
+}
+
+/// Why a worker's inner loop ended.
+enum Restart {
+    Stop,
+    Again,
+}
+
+async fn worker(ctx: Arc<Ctx>, g: Arc<Generation>, partition: u32) {
+    let mut stop = g.stop.subscribe();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        match run_partition(&ctx, &g, partition, &mut stop).await {
+            Ok(Restart::Stop) => return,
+            Ok(Restart::Again) => {}
+            Err(e) => {
+                warn!(projection = %g.id, partition, error = %e, "projection worker error; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY_PAUSE) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    }
+}
+
+async fn run_partition(
+    ctx: &Ctx,
+    g: &Generation,
+    partition: u32,
+    stop: &mut watch::Receiver<bool>,
+) -> anyhow::Result<Restart> {
+    let mut session = g.store.session(&g.id, partition).await?;
+    let mut expected = session.checkpoint().await?;
+    let mut next = expected.unwrap_or(0);
+    g.applied.send_modify(|a| a[partition as usize] = next);
+    let mut reader = ctx.log.reader(&ctx.topic, partition, next).await?;
+    let mut checked = Instant::now();
+    let empty = DocReads::new();
+    loop {
+        let batch = tokio::select! {
+            b = reader.next(ctx.batch, POLL_WAIT) => b?,
+            _ = stop.changed() => return Ok(Restart::Stop),
+        };
+        if *stop.borrow() {
+            return Ok(Restart::Stop);
+        }
+        if batch.records.is_empty() {
+            if checked.elapsed() >= IDLE_CHECK {
+                checked = Instant::now();
+                let found = session.checkpoint().await?;
+                if found != expected {
+                    fenced(g, partition, expected, found);
+                    return Ok(Restart::Again);
+                }
+            }
+            continue;
+        }
+        let count = batch.records.len() as u64;
+        let last = batch.records.last().map(|r| r.offset).unwrap_or(next);
+        let upto = batch.next_offset.max(last + 1);
+        let inputs: Vec<Input> = batch.records.into_iter().map(decode).collect();
+        let reads = if g.def.doc_reads.is_empty() {
+            empty.clone()
+        } else {
+            let keys = fold::keys_to_read(&g.def, &inputs);
+            session.read_fields(&keys, &g.def.doc_reads).await?
+        };
+        let fx = fold::fold(&g.def, &inputs, &reads);
+        let commit_to = fx.halted_at.unwrap_or(upto);
+        match session.commit(expected, commit_to, &fx, &g.def.schema).await? {
+            Commit::Applied => {
+                expected = Some(commit_to);
+                next = commit_to;
+                checked = Instant::now();
+                g.applied.send_modify(|a| a[partition as usize] = next);
+                g.record(count);
+                for dl in &fx.dead_letters {
+                    warn!(projection = %g.id, partition, offset = dl.offset, reason = %dl.reason, "dead letter");
+                }
+                if let Some(at) = fx.halted_at {
+                    let reason = fx.dead_letters.last().map(|d| d.reason.clone()).unwrap_or_default();
+                    let msg = format!("halted at partition {partition} offset {at}: {reason}");
+                    warn!(projection = %g.id, "{msg}");
+                    *g.failed.lock().unwrap() = Some(msg);
+                    let _ = stop.wait_for(|s| *s).await;
+                    return Ok(Restart::Stop);
+                }
+            }
+            Commit::Fenced { found } => {
+                fenced(g, partition, expected, found);
+                return Ok(Restart::Again);
+            }
+        }
+    }
+}
+
+fn fenced(g: &Generation, partition: u32, expected: Option<u64>, found: Option<u64>) {
+    match (expected, found) {
+        (Some(e), None) => warn!(
+            projection = %g.id, partition, checkpoint = e,
+            "checkpoint lost (did the store restart without its data?); rebuilding this partition from offset 0"
+        ),
+        _ => warn!(
+            projection = %g.id, partition, ?expected, ?found,
+            "checkpoint moved by another worker; resuming from it"
+        ),
+    }
+}
+
+/// A replay in progress (or one that failed, until the next one or a cancel).
+struct Replay {
+    generation: Arc<Generation>,
+    /// End offsets of the log when the replay began: the distance to cover.
+    target: Vec<u64>,
+    started: Instant,
+    cancel: watch::Sender<bool>,
+    error: Option<String>,
+}
+
+/// A projection: its live generation and, during a replay, the one being built.
+pub struct Projection {
+    pub name: String,
+    store: Arc<dyn KvStore>,
+    ctx: Arc<Ctx>,
+    live: RwLock<Arc<Generation>>,
+    replay: tokio::sync::Mutex<Option<Replay>>,
+    file: PathBuf,
+}
+
+impl Projection {
+    /// The generation queries read now.
+    pub fn live(&self) -> Arc<Generation> {
+        self.live.read().unwrap().clone()
+    }
+
+    pub fn store(&self) -> &Arc<dyn KvStore> {
+        &self.store
+    }
+
+    /// Starts a replay with the definition file as it is now on disk.
+    pub async fn replay(self: &Arc<Self>) -> Result<Value, ApiError> {
+        let def = load_file(&self.file).map_err(|e| ApiError::InvalidDefinition(e.to_string()))?;
+        if def.name != self.name {
+            return Err(ApiError::InvalidDefinition(format!(
+                "{} now names projection `{}`",
+                self.file.display(),
+                def.name
+            )));
+        }
+        let mut slot = self.replay.lock().await;
+        if let Some(r) = slot.as_ref().filter(|r| r.error.is_none()) {
+            return Err(ApiError::ReplayInProgress(format!(
+                "projection {} is already replaying into generation {}; cancel it with DELETE /projections/{}/replay",
+                self.name, r.generation.info.generation, self.name
+            )));
+        }
+        let meta = self.store.meta(&self.name).await.map_err(store_error)?;
+        let number = [meta.live.as_ref(), meta.building.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|g| g.generation)
+            .max()
+            .unwrap_or(0)
+            .max(self.live().info.generation)
+            + 1;
+        let info = GenInfo {
+            generation: number,
+            version: def.version,
+            source: def.source.clone(),
+        };
+        self.begin_replay(&mut slot, info, Arc::new(def), true)
+            .await
+            .map_err(store_error)?;
+        Ok(self.replay_status(slot.as_ref().expect("just started")))
+    }
+
+    /// Cancels the running replay and drops its generation.
+    pub async fn cancel_replay(&self) -> Result<Value, ApiError> {
+        let mut slot = self.replay.lock().await;
+        let Some(r) = slot.take() else {
+            return Err(ApiError::NotFound(format!("projection {} has no replay to cancel", self.name)));
+        };
+        r.cancel.send_replace(true);
+        r.generation.halt_workers().await;
+        self.forget_building(&r.generation).await.map_err(store_error)?;
+        info!(projection = %self.name, generation = r.generation.info.generation, "replay cancelled");
+        Ok(json!({"projection": self.name, "cancelled_generation": r.generation.info.generation}))
+    }
+
+    async fn forget_building(&self, g: &Generation) -> Result<(), StoreError> {
+        let mut meta = self.store.meta(&self.name).await?;
+        if meta.building.as_ref().is_some_and(|b| b.generation == g.info.generation) {
+            meta.building = None;
+            self.store.put_meta(&self.name, &meta).await?;
+        }
+        self.store.drop_generation(&g.id).await
+    }
+
+    /// Records `info` as the generation being built, starts its workers and the
+    /// monitor that switches over when it has caught up. `fresh`: drop whatever an
+    /// earlier attempt left under that number first.
+    async fn begin_replay(
+        self: &Arc<Self>,
+        slot: &mut Option<Replay>,
+        info: GenInfo,
+        def: Arc<Definition>,
+        fresh: bool,
+    ) -> Result<(), StoreError> {
+        if let Some(old) = slot.take() {
+            // A failed replay still shown in the status: clear it away.
+            old.generation.halt_workers().await;
+            self.forget_building(&old.generation).await?;
+        }
+        let id = GenRef {
+            projection: self.name.clone(),
+            generation: info.generation,
+        };
+        if fresh {
+            self.store.drop_generation(&id).await?;
+        }
+        let mut meta = self.store.meta(&self.name).await?;
+        meta.building = Some(info.clone());
+        if meta.live.is_none() {
+            meta.live = Some(self.live().info.clone());
+        }
+        self.store.put_meta(&self.name, &meta).await?;
+        let target = self
+            .ctx
+            .log
+            .end_offsets(&self.ctx.topic)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        info!(projection = %self.name, generation = info.generation, version = info.version,
+              events = target.iter().sum::<u64>(), "replay started");
+        let generation = Generation::start(&self.ctx, self.store.clone(), info, def);
+        let cancel = watch::channel(false).0;
+        let rx = cancel.subscribe();
+        *slot = Some(Replay {
+            generation: generation.clone(),
+            target: target.clone(),
+            started: Instant::now(),
+            cancel,
+            error: None,
+        });
+        tokio::spawn(self.clone().monitor(generation, target, rx));
+        Ok(())
+    }
+
+    /// Watches a replay; switches when it has caught up.
+    async fn monitor(self: Arc<Self>, new: Arc<Generation>, target: Vec<u64>, mut cancel: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = cancel.changed() => return,
+            }
+            if *cancel.borrow() || self.ctx.shutting_down.load(Ordering::SeqCst) {
+                return;
+            }
+            if let Some(e) = new.failure() {
+                let mut slot = self.replay.lock().await;
+                if let Some(r) = slot.as_mut().filter(|r| Arc::ptr_eq(&r.generation, &new)) {
+                    warn!(projection = %self.name, generation = new.info.generation, error = %e, "replay failed; the live generation keeps serving");
+                    r.error = Some(e);
+                }
+                return;
+            }
+            let live = self.live();
+            let (got, old) = (new.applied(), live.applied());
+            let caught_up = (0..got.len()).all(|p| got[p] >= target[p].max(old[p]));
+            if !caught_up {
+                continue;
+            }
+            let mut slot = self.replay.lock().await;
+            if *cancel.borrow() || !slot.as_ref().is_some_and(|r| Arc::ptr_eq(&r.generation, &new)) {
+                return;
+            }
+            match self.switch(&live, &new).await {
+                Ok(()) => {
+                    *slot = None;
+                    return;
+                }
+                Err(e) => {
+                    warn!(projection = %self.name, error = %e, "switching generations failed; will retry");
+                }
+            }
+        }
+    }
+
+    /// Stops `old`, lets `new` reach where `old` stopped, then switches (I7).
+    async fn switch(self: &Arc<Self>, old: &Arc<Generation>, new: &Arc<Generation>) -> Result<(), StoreError> {
+        old.halt_workers().await;
+        let final_old = old.applied();
+        let mut rx = new.applied.subscribe();
+        let _ = rx
+            .wait_for(|a| a.iter().zip(&final_old).all(|(n, o)| n >= o))
+            .await;
+        let meta = Meta {
+            live: Some(new.info.clone()),
+            building: None,
+        };
+        if let Err(e) = self.store.put_meta(&self.name, &meta).await {
+            // Keep serving the old generation, and let it follow the log again.
+            let restarted = Generation::start(&self.ctx, self.store.clone(), old.info.clone(), old.def.clone());
+            *self.live.write().unwrap() = restarted;
+            return Err(e);
+        }
+        *self.live.write().unwrap() = new.clone();
+        info!(projection = %self.name, from = old.info.generation, to = new.info.generation,
+              version = new.info.version, "replay caught up; switched generations");
+        let (old, store) = (old.clone(), self.store.clone());
+        tokio::spawn(async move {
+            // Queries still reading the old generation hold an Arc to it.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if let Err(e) = store.drop_generation(&old.id).await {
+                warn!(generation = %old.id, error = %e, "could not drop the old generation");
+            }
+        });
+        Ok(())
+    }
+
+    fn replay_status(&self, r: &Replay) -> Value {
+        let got = r.generation.applied();
+        let position: u64 = got.iter().zip(&r.target).map(|(g, t)| (*g).min(*t)).sum();
+        let total: u64 = r.target.iter().sum();
+        let rate = r.generation.per_sec();
+        let progress = if total == 0 { 1.0 } else { position as f64 / total as f64 };
+        let eta = (rate > 0.0).then(|| (total - position) as f64 / rate);
+        json!({
+            "generation": r.generation.info.generation,
+            "version": r.generation.info.version,
+            "state": if r.error.is_some() { "failed" } else { "running" },
+            "position": position,
+            "total": total,
+            "progress": progress,
+            "events_per_sec": round(rate),
+            "eta_secs": eta.map(round),
+            "elapsed_secs": round(r.started.elapsed().as_secs_f64()),
+            "error": r.error,
+        })
+    }
+
+    /// The status object of `GET /projections/{name}`.
+    pub async fn status(&self) -> Value {
+        let live = self.live();
+        let ends = self.ctx.log.end_offsets(&self.ctx.topic).await.ok();
+        let applied = live.applied();
+        let partitions: Vec<Value> = applied
+            .iter()
+            .enumerate()
+            .map(|(p, pos)| {
+                let end = ends.as_ref().and_then(|e| e.get(p)).copied();
+                json!({"partition": p, "position": pos, "end": end,
+                       "lag": end.map(|e| e.saturating_sub(*pos))})
+            })
+            .collect();
+        let lag: Option<u64> = ends
+            .as_ref()
+            .map(|e| e.iter().zip(&applied).map(|(e, a)| e.saturating_sub(*a)).sum());
+        let (dead_count, recent) = match self.store.dead_letters(&live.id, 5).await {
+            Ok((n, r)) => (Some(n), r),
+            Err(_) => (None, Vec::new()),
+        };
+        let replay = self.replay.lock().await;
+        let failure = live.failure();
+        let state = if failure.is_some() {
+            "failed"
+        } else if replay.as_ref().is_some_and(|r| r.error.is_none()) {
+            "replaying"
+        } else {
+            "running"
+        };
+        json!({
+            "name": self.name,
+            "version": live.info.version,
+            "store": live.def.store.as_str(),
+            "backend": self.store.backend(),
+            "generation": live.info.generation,
+            "state": state,
+            "partitions": partitions,
+            "lag": lag,
+            "events": live.records.load(Ordering::Relaxed),
+            "events_per_sec": round(live.per_sec()),
+            "dead_letters": {"count": dead_count, "recent": recent},
+            "error": failure,
+            "replay": replay.as_ref().map(|r| self.replay_status(r)),
+        })
+    }
+}
+
+fn round(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    ApiError::StoreUnavailable(e.to_string())
+}
+
+/// Every projection of the service.
+pub struct Engine {
+    projections: BTreeMap<String, Arc<Projection>>,
+    ctx: Arc<Ctx>,
+}
+
+/// The engine's settings.
+pub struct EngineConfig {
+    pub topic: String,
+    pub partitions: u32,
+    pub batch: usize,
+}
+
+impl Engine {
+    /// Starts every definition of `defs` on `store`: resumes the live generation,
+    /// starts (or resumes) a replay when the version changed.
+    pub async fn start(
+        log: Arc<dyn EventLog>,
+        store: Option<Arc<dyn KvStore>>,
+        defs: Vec<Definition>,
+        cfg: EngineConfig,
+    ) -> anyhow::Result<Self> {
+        let ctx = Arc::new(Ctx {
+            log,
+            topic: cfg.topic,
+            partitions: cfg.partitions,
+            batch: cfg.batch,
+            shutting_down: AtomicBool::new(false),
+        });
+        let mut projections = BTreeMap::new();
+        for def in defs {
+            let store = store.clone().ok_or_else(|| anyhow::anyhow!("no key-value store for projection {}", def.name))?;
+            let p = Self::start_one(&ctx, store, def).await?;
+            projections.insert(p.name.clone(), p);
+        }
+        Ok(Self { projections, ctx })
+    }
+
+    async fn start_one(ctx: &Arc<Ctx>, store: Arc<dyn KvStore>, def: Definition) -> anyhow::Result<Arc<Projection>> {
+        let name = def.name.clone();
+        let meta = store
+            .meta(&name)
+            .await
+            .map_err(|e| anyhow::anyhow!("projection {name}: {e}"))?;
+        let file_info = |generation| GenInfo {
+            generation,
+            version: def.version,
+            source: def.source.clone(),
+        };
+        let (live_info, live_def) = match meta.live.clone() {
+            None => (file_info(1), def.clone()),
+            Some(l) if l.version == def.version => {
+                if l.source != def.source {
+                    warn!(projection = %name, version = def.version,
+                          "definition changed without a version bump: new events follow the new definition, existing data stays as built; bump `version` to rebuild");
+                }
+                (file_info(l.generation), def.clone())
+            }
+            Some(l) => {
+                let old = def::parse(&def.file, &l.source).unwrap_or_else(|e| {
+                    warn!(projection = %name, error = %e, "the live generation's stored definition no longer parses; feeding it with the file's");
+                    def.clone()
+                });
+                (l, old)
+            }
+        };
+        let new_meta = Meta {
+            live: Some(live_info.clone()),
+            building: meta.building.clone(),
+        };
+        if new_meta != meta {
+            store.put_meta(&name, &new_meta).await.map_err(|e| anyhow::anyhow!("projection {name}: {e}"))?;
+        }
+        let live = Generation::start(ctx, store.clone(), live_info.clone(), Arc::new(live_def));
+        let p = Arc::new(Projection {
+            name: name.clone(),
+            store: store.clone(),
+            ctx: ctx.clone(),
+            live: RwLock::new(live),
+            replay: tokio::sync::Mutex::new(None),
+            file: def.file.clone(),
+        });
+        let wanted = live_info.version != def.version;
+        let mut slot = p.replay.lock().await;
+        match meta.building {
+            Some(b) if wanted && b.version == def.version && b.source == def.source => {
+                info!(projection = %name, generation = b.generation, "resuming the replay interrupted by the last stop");
+                p.begin_replay(&mut slot, b, Arc::new(def), false).await?;
+            }
+            building => {
+                if let Some(b) = building {
+                    // An abandoned replay of another definition: drop it.
+                    let id = GenRef { projection: name.clone(), generation: b.generation };
+                    store.drop_generation(&id).await?;
+                    store.put_meta(&name, &Meta { live: Some(live_info.clone()), building: None }).await?;
+                }
+                if wanted {
+                    info!(projection = %name, from = live_info.version, to = def.version, "definition version changed; rebuilding by replay");
+                    let number = live_info.generation.max(1) + 1;
+                    let info = GenInfo { generation: number, version: def.version, source: def.source.clone() };
+                    p.begin_replay(&mut slot, info, Arc::new(def), true).await?;
+                }
+            }
+        }
+        drop(slot);
+        info!(projection = %name, generation = live_info.generation, version = live_info.version, store = store.backend(), "projection started");
+        Ok(p)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Projection>> {
+        self.projections.get(name)
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Projection>> {
+        self.projections.values()
+    }
+
+    /// Projections whose live generation halted.
+    pub fn failed(&self) -> Vec<String> {
+        self.all().filter(|p| p.live().failure().is_some()).map(|p| p.name.clone()).collect()
+    }
+
+    /// Stops every worker after its batch in flight; replays resume at next start.
+    pub async fn stop(&self) {
+        self.ctx.shutting_down.store(true, Ordering::SeqCst);
+        for p in self.projections.values() {
+            if let Some(r) = p.replay.lock().await.as_ref() {
+                r.generation.halt_workers().await;
+            }
+            p.live().halt_workers().await;
+        }
+    }
+}

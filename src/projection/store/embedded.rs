@@ -1,0 +1,468 @@
+//! The embedded key-value read-model store: Redis's semantics on redb.
+//!
+//! One redb file (`{data_dir}/views.redb`) holds every projection. A commit is one
+//! redb write transaction (fsync) that checks the checkpoint, applies the batch and
+//! moves the checkpoint, so data and checkpoint can only move together (I6).
+//!
+//! Each key's read model is one record (its fields, sets, lists and distinct
+//! values), read and rewritten once per batch. Differences from Redis, by design:
+//! `count_distinct` is exact here (a set of the values seen) where Redis estimates
+//! with HyperLogLog; rankings keep a score index so the top members are a range
+//! scan, ordered as ZREVRANGE orders them.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::{
+    Commit, DEAD_LETTERS_KEPT, GenRef, KvSession, KvStore, Meta, Schema, StoreError, StoreResult,
+    parse_json, with_defaults,
+};
+use crate::projection::fold::{DeadLetter, DocReads, Effects, FieldDelta};
+
+/// projection -> Meta (JSON)
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// (generation, partition) -> next offset
+const CKPT: TableDefinition<(&str, u32), u64> = TableDefinition::new("checkpoints");
+/// (generation, key) -> StoredDoc (JSON)
+const DOCS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("docs");
+/// (generation, ranking, member) -> score
+const RANK: TableDefinition<(&str, &str, &str), f64> = TableDefinition::new("rank");
+/// (generation, ranking, ordered score, member) -> ()
+const RANK_IDX: TableDefinition<(&str, &str, u64, &str), ()> = TableDefinition::new("rank_idx");
+/// (generation, sequence) -> DeadLetter (JSON); the sequence counts all of them
+const DEAD: TableDefinition<(&str, u64), &str> = TableDefinition::new("dead_letters");
+/// generation -> dead letters recorded so far
+const DEAD_COUNT: TableDefinition<&str, u64> = TableDefinition::new("dead_count");
+
+const CACHE_BYTES: usize = 64 << 20;
+
+/// A key's stored read model.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StoredDoc {
+    fields: BTreeMap<String, Stored>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Stored {
+    Value(Value),
+    Counter(i64),
+    Set(BTreeSet<String>),
+    Distinct(BTreeSet<String>),
+    List(VecDeque<String>),
+}
+
+pub struct EmbeddedKv {
+    db: Arc<Database>,
+}
+
+fn storage(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Other(format!("embedded store: {e}"))
+}
+
+/// The table-key prefix of a generation.
+fn gen_id(g: &GenRef) -> String {
+    format!("{}:{}", g.projection, g.generation)
+}
+
+/// The first string after every string that starts with `s`'s whole value, for
+/// tuple ranges: `(s, "")..(after(s), "")` holds exactly the tuples whose first
+/// element is `s`.
+fn after(s: &str) -> String {
+    format!("{s}\0")
+}
+
+/// f64 → u64 with the same order (for the score index).
+fn ordered(score: f64) -> u64 {
+    let bits = score.to_bits();
+    if bits >> 63 == 1 { !bits } else { bits | (1 << 63) }
+}
+
+impl EmbeddedKv {
+    /// Opens (or creates) `{dir}/views.redb`.
+    pub fn open(dir: &Path) -> StoreResult<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| storage(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join("views.redb");
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => storage(format!(
+                    "{} is in use by another refold process; stop it or pick another --data-dir",
+                    path.display()
+                )),
+                e => storage(format!("cannot open {}: {e}", path.display())),
+            })?;
+        let txn = db.begin_write().map_err(storage)?;
+        {
+            txn.open_table(META).map_err(storage)?;
+            txn.open_table(CKPT).map_err(storage)?;
+            txn.open_table(DOCS).map_err(storage)?;
+            txn.open_table(RANK).map_err(storage)?;
+            txn.open_table(RANK_IDX).map_err(storage)?;
+            txn.open_table(DEAD).map_err(storage)?;
+            txn.open_table(DEAD_COUNT).map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, redb::Error> + Send + 'static,
+    ) -> StoreResult<T> {
+        blocking(self.db.clone(), f).await
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    db: Arc<Database>,
+    f: impl FnOnce(&Database) -> Result<T, redb::Error> + Send + 'static,
+) -> StoreResult<T> {
+    tokio::task::spawn_blocking(move || f(&db))
+        .await
+        .map_err(storage)?
+        .map_err(storage)
+}
+
+fn read_doc(bytes: &[u8]) -> StoredDoc {
+    serde_json::from_slice(bytes).unwrap_or_default()
+}
+
+fn render(schema: &Schema, doc: StoredDoc) -> Map<String, Value> {
+    let mut out = Map::new();
+    for (field, stored) in doc.fields {
+        let v = match stored {
+            Stored::Value(v) => v,
+            Stored::Counter(n) => Value::from(n),
+            Stored::Set(s) => Value::Array(s.iter().map(|m| parse_json(m)).collect()),
+            Stored::Distinct(s) => Value::from(s.len()),
+            Stored::List(l) => Value::Array(l.iter().map(|m| parse_json(m)).collect()),
+        };
+        out.insert(field, v);
+    }
+    with_defaults(schema, out)
+}
+
+/// Applies one field's combined change to a stored document.
+fn apply_field(doc: &mut StoredDoc, field: &str, delta: &FieldDelta) {
+    let fits = matches!(
+        (doc.fields.get(field), delta),
+        (Some(Stored::Counter(_)), FieldDelta::Incr(_))
+            | (Some(Stored::Set(_)), FieldDelta::Members(_))
+            | (Some(Stored::Distinct(_)), FieldDelta::Distinct(_))
+            | (Some(Stored::List(_)), FieldDelta::Push { .. })
+    );
+    if !fits {
+        // Absent (or of another kind, after a definition change): start afresh.
+        let fresh = match delta {
+            FieldDelta::Set(v) => Stored::Value(v.clone()),
+            FieldDelta::Incr(_) => Stored::Counter(0),
+            FieldDelta::Members(_) => Stored::Set(BTreeSet::new()),
+            FieldDelta::Distinct(_) => Stored::Distinct(BTreeSet::new()),
+            FieldDelta::Push { .. } => Stored::List(VecDeque::new()),
+        };
+        doc.fields.insert(field.to_owned(), fresh);
+    }
+    let slot = doc.fields.get_mut(field).expect("inserted above");
+    match (slot, delta) {
+        (Stored::Counter(n), FieldDelta::Incr(by)) => *n = n.saturating_add(*by),
+        (Stored::Set(s), FieldDelta::Members(m)) => {
+            for (member, present) in m {
+                if *present {
+                    s.insert(member.clone());
+                } else {
+                    s.remove(member);
+                }
+            }
+        }
+        (Stored::Distinct(s), FieldDelta::Distinct(d)) => s.extend(d.iter().cloned()),
+        (Stored::List(l), FieldDelta::Push { items, cap }) => {
+            for item in items.iter().rev() {
+                l.push_front(item.clone());
+            }
+            l.truncate(*cap);
+        }
+        (slot, FieldDelta::Set(v)) => *slot = Stored::Value(v.clone()),
+        _ => unreachable!("the slot was made to fit the delta"),
+    }
+}
+
+fn apply_effects(txn: &WriteTransaction, gid: &str, fx: &Effects) -> Result<(), redb::Error> {
+    let mut docs = txn.open_table(DOCS)?;
+    for (key, delta) in &fx.docs {
+        let mut doc = if delta.reset {
+            StoredDoc::default()
+        } else {
+            docs.get((gid, key.as_str()))?
+                .map(|v| read_doc(v.value()))
+                .unwrap_or_default()
+        };
+        for (field, d) in &delta.fields {
+            apply_field(&mut doc, field, d);
+        }
+        if doc.fields.is_empty() {
+            docs.remove((gid, key.as_str()))?;
+        } else {
+            let bytes = serde_json::to_vec(&doc).expect("a stored doc serializes");
+            docs.insert((gid, key.as_str()), bytes.as_slice())?;
+        }
+    }
+    let mut rank = txn.open_table(RANK)?;
+    let mut idx = txn.open_table(RANK_IDX)?;
+    for (name, members) in &fx.rankings {
+        for (member, by) in members {
+            let old = rank.get((gid, name.as_str(), member.as_str()))?.map(|v| v.value());
+            if let Some(old) = old {
+                idx.remove((gid, name.as_str(), ordered(old), member.as_str()))?;
+            }
+            let new = old.unwrap_or(0.0) + by;
+            rank.insert((gid, name.as_str(), member.as_str()), new)?;
+            idx.insert((gid, name.as_str(), ordered(new), member.as_str()), ())?;
+        }
+    }
+    if !fx.dead_letters.is_empty() {
+        let mut count = txn.open_table(DEAD_COUNT)?;
+        let mut dead = txn.open_table(DEAD)?;
+        let mut n = count.get(gid)?.map(|v| v.value()).unwrap_or(0);
+        for dl in &fx.dead_letters {
+            let json = serde_json::to_string(dl).expect("a dead letter serializes");
+            dead.insert((gid, n), json.as_str())?;
+            if n >= DEAD_LETTERS_KEPT as u64 {
+                dead.remove((gid, n - DEAD_LETTERS_KEPT as u64))?;
+            }
+            n += 1;
+        }
+        count.insert(gid, n)?;
+    }
+    Ok(())
+}
+
+/// Removes every entry of `table` whose first key element is `gid`.
+macro_rules! drop_prefix {
+    ($txn:expr, $table:expr, $gid:expr, $lo:expr, $hi:expr) => {{
+        let mut t = $txn.open_table($table)?;
+        t.retain_in($lo..$hi, |_, _| false)?;
+        let _ = $gid;
+    }};
+}
+
+#[async_trait]
+impl KvStore for EmbeddedKv {
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn meta(&self, projection: &str) -> StoreResult<Meta> {
+        let p = projection.to_owned();
+        let json = self
+            .blocking(move |db| {
+                let txn = db.begin_read()?;
+                let t = txn.open_table(META)?;
+                Ok(t.get(p.as_str())?.map(|v| v.value().to_owned()))
+            })
+            .await?;
+        match json {
+            None => Ok(Meta::default()),
+            Some(j) => serde_json::from_str(&j).map_err(storage),
+        }
+    }
+
+    async fn put_meta(&self, projection: &str, meta: &Meta) -> StoreResult<()> {
+        let p = projection.to_owned();
+        let json = serde_json::to_string(meta).map_err(storage)?;
+        self.blocking(move |db| {
+            let txn = db.begin_write()?;
+            txn.open_table(META)?.insert(p.as_str(), json.as_str())?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn session(&self, generation: &GenRef, partition: u32) -> StoreResult<Box<dyn KvSession>> {
+        Ok(Box::new(Session {
+            db: self.db.clone(),
+            gid: gen_id(generation),
+            partition,
+        }))
+    }
+
+    async fn checkpoints(&self, generation: &GenRef, partitions: u32) -> StoreResult<Vec<Option<u64>>> {
+        let gid = gen_id(generation);
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let t = txn.open_table(CKPT)?;
+            (0..partitions)
+                .map(|p| Ok(t.get((gid.as_str(), p))?.map(|v| v.value())))
+                .collect()
+        })
+        .await
+    }
+
+    async fn view(&self, generation: &GenRef, schema: &Schema, key: &str) -> StoreResult<Option<Map<String, Value>>> {
+        let (gid, key) = (gen_id(generation), key.to_owned());
+        let doc = self
+            .blocking(move |db| {
+                let txn = db.begin_read()?;
+                let t = txn.open_table(DOCS)?;
+                Ok(t.get((gid.as_str(), key.as_str()))?.map(|v| read_doc(v.value())))
+            })
+            .await?;
+        Ok(doc.map(|d| render(schema, d)))
+    }
+
+    async fn ranking(&self, generation: &GenRef, name: &str, limit: usize) -> StoreResult<Vec<(String, f64)>> {
+        let (gid, name) = (gen_id(generation), name.to_owned());
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let idx = txn.open_table(RANK_IDX)?;
+            let rank = txn.open_table(RANK)?;
+            let lo = (gid.as_str(), name.as_str(), 0u64, "");
+            let hi_name = after(&name);
+            let hi = (gid.as_str(), hi_name.as_str(), 0u64, "");
+            let mut out = Vec::new();
+            for entry in idx.range(lo..hi)?.rev().take(limit) {
+                let (k, _) = entry?;
+                let (_, _, _, member) = k.value();
+                let score = rank
+                    .get((gid.as_str(), name.as_str(), member))?
+                    .map(|v| v.value())
+                    .unwrap_or(0.0);
+                out.push((member.to_owned(), score));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn dead_letters(&self, generation: &GenRef, limit: usize) -> StoreResult<(u64, Vec<DeadLetter>)> {
+        let gid = gen_id(generation);
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let count = txn.open_table(DEAD_COUNT)?.get(gid.as_str())?.map(|v| v.value()).unwrap_or(0);
+            let dead = txn.open_table(DEAD)?;
+            let hi = after(&gid);
+            let mut out = Vec::new();
+            for entry in dead.range((gid.as_str(), 0)..(hi.as_str(), 0))?.rev().take(limit) {
+                let (_, v) = entry?;
+                if let Ok(dl) = serde_json::from_str(v.value()) {
+                    out.push(dl);
+                }
+            }
+            Ok((count, out))
+        })
+        .await
+    }
+
+    async fn drop_generation(&self, generation: &GenRef) -> StoreResult<()> {
+        let gid = gen_id(generation);
+        self.blocking(move |db| {
+            let hi = after(&gid);
+            let (g, h) = (gid.as_str(), hi.as_str());
+            let txn = db.begin_write()?;
+            drop_prefix!(txn, CKPT, g, (g, 0u32), (h, 0u32));
+            drop_prefix!(txn, DOCS, g, (g, ""), (h, ""));
+            drop_prefix!(txn, RANK, g, (g, "", ""), (h, "", ""));
+            drop_prefix!(txn, RANK_IDX, g, (g, "", 0u64, ""), (h, "", 0u64, ""));
+            drop_prefix!(txn, DEAD, g, (g, 0u64), (h, 0u64));
+            txn.open_table(DEAD_COUNT)?.remove(g)?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+struct Session {
+    db: Arc<Database>,
+    gid: String,
+    partition: u32,
+}
+
+#[async_trait]
+impl KvSession for Session {
+    async fn checkpoint(&mut self) -> StoreResult<Option<u64>> {
+        let (gid, p) = (self.gid.clone(), self.partition);
+        blocking(self.db.clone(), move |db| {
+            let txn = db.begin_read()?;
+            Ok(txn.open_table(CKPT)?.get((gid.as_str(), p))?.map(|v| v.value()))
+        })
+        .await
+    }
+
+    async fn read_fields(&mut self, keys: &BTreeSet<String>, fields: &[String]) -> StoreResult<DocReads> {
+        let (gid, keys, fields) = (self.gid.clone(), keys.clone(), fields.to_vec());
+        blocking(self.db.clone(), move |db| {
+            let txn = db.begin_read()?;
+            let t = txn.open_table(DOCS)?;
+            let mut out = DocReads::new();
+            for key in keys {
+                let Some(doc) = t.get((gid.as_str(), key.as_str()))?.map(|v| read_doc(v.value())) else {
+                    continue;
+                };
+                let mut got = BTreeMap::new();
+                for f in &fields {
+                    match doc.fields.get(f) {
+                        Some(Stored::Value(v)) => {
+                            got.insert(f.clone(), v.clone());
+                        }
+                        Some(Stored::Counter(n)) => {
+                            got.insert(f.clone(), Value::from(*n));
+                        }
+                        _ => {}
+                    }
+                }
+                out.insert(key, got);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn commit(&mut self, expected: Option<u64>, next: u64, effects: &Effects, _schema: &Schema) -> StoreResult<Commit> {
+        let (gid, p, fx) = (self.gid.clone(), self.partition, effects.clone());
+        blocking(self.db.clone(), move |db| {
+            let txn = db.begin_write()?;
+            let found = txn.open_table(CKPT)?.get((gid.as_str(), p))?.map(|v| v.value());
+            if found != expected {
+                txn.abort()?;
+                return Ok(Commit::Fenced { found });
+            }
+            apply_effects(&txn, &gid, &fx)?;
+            txn.open_table(CKPT)?.insert((gid.as_str(), p), next)?;
+            txn.commit()?;
+            Ok(Commit::Applied)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn score_order_is_numeric_order() {
+        let xs = [-1e9, -2.5, -0.0, 0.0, 1.0, 2.5, 1e12];
+        for w in xs.windows(2) {
+            assert!(ordered(w[0]) <= ordered(w[1]), "{} vs {}", w[0], w[1]);
+        }
+    }
+
+    #[test]
+    fn a_field_of_another_kind_starts_afresh() {
+        let mut doc = StoredDoc::default();
+        apply_field(&mut doc, "f", &FieldDelta::Set(Value::from("x")));
+        apply_field(&mut doc, "f", &FieldDelta::Incr(2));
+        apply_field(&mut doc, "f", &FieldDelta::Incr(3));
+        assert!(matches!(doc.fields["f"], Stored::Counter(5)));
+    }
+}
