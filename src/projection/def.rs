@@ -603,3 +603,94 @@ fn rank(
         negate,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(name: &str, text: &str) -> Result<Definition, DefError> {
+        parse(FsPath::new(&format!("projections/{name}.toml")), text)
+    }
+
+    const GOOD: &str = r#"
+name = "p"
+version = 2
+store = "redis"
+key = "data.post_id"
+
+[[on.PostPublished]]
+op = "set"
+field = "tribe_id"
+from = "data.tribe_id"
+
+[[on.PostLiked]]
+op = "rank"
+ranking = "top:{doc.tribe_id}"
+"#;
+
+    #[test]
+    fn a_good_definition_loads_with_its_schema() {
+        let d = load("p", GOOD).unwrap();
+        assert_eq!((d.name.as_str(), d.version), ("p", 2));
+        assert_eq!(d.key, ValuePath::Data(vec!["post_id".into()]));
+        assert_eq!(d.schema["tribe_id"], FieldKind::Value);
+        assert_eq!(d.doc_reads, vec!["tribe_id".to_string()]);
+        assert!(d.handles("PostLiked") && !d.handles("PostViewed"));
+    }
+
+    #[test]
+    fn the_demo_definitions_load() {
+        for def in ["post_stats", "tribe_feed"] {
+            let file = FsPath::new(env!("CARGO_MANIFEST_DIR")).join(format!("projections/{def}.toml"));
+            let text = std::fs::read_to_string(&file).unwrap();
+            parse(&file, &text).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    /// Each bad definition is refused with the line of the culprit and a reason.
+    #[test]
+    fn bad_definitions_name_file_line_and_reason() {
+        let cases: &[(&str, usize, &str)] = &[
+            ("name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"explode\"\n", 6, "explode"),
+            ("name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"incr\"\nfield = \"n\"\ncolour = 1\n", 5, "colour"),
+            ("name = \"p\"\nversion = 1\nstore = \"mongo\"\nkey = \"data.x\"\n", 3, "unknown store"),
+            ("name = \"q\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n", 1, "does not match the file name"),
+            ("name = \"p\"\nversion = 0\nstore = \"redis\"\nkey = \"data.x\"\n", 2, "positive"),
+            ("name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"body.x\"\n", 4, "unknown path"),
+            ("name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"incr\"\nfield = \"n\"\n[[on.B]]\nop = \"set\"\nfield = \"n\"\nvalue = 1\n", 8, "one field holds one kind"),
+            ("name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"push\"\nfield = \"l\"\nfrom = \"data.y\"\ncap = 0\n", 5, "cap must be"),
+            ("name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"rank\"\nranking = \"r:{data.y\"\n", 5, "unclosed"),
+            ("name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"set\"\nfield = \"f\"\n", 5, "exactly one of"),
+            ("name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n", 1, "no [[on.EventType]]"),
+            ("name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"rank\"\nranking = \"r:{doc.nope}\"\n", 1, "no operation writes"),
+            ("name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = [1]\n", 4, "invalid type"),
+        ];
+        let mut wrong = Vec::new();
+        for (text, line, reason) in cases {
+            let e = load("p", text).expect_err(text);
+            assert_eq!(e.file, "projections/p.toml");
+            if !e.reason.contains(reason) || e.line != *line {
+                wrong.push(format!("{e} (expected line {line}, {reason:?})"));
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
+    #[test]
+    fn templates_and_paths_parse() {
+        let t = Template::parse("top:{doc.tribe_id}:{data.a.b}").unwrap();
+        assert_eq!(
+            t.0,
+            vec![
+                Part::Lit("top:".into()),
+                Part::Path(ValuePath::Doc("tribe_id".into())),
+                Part::Lit(":".into()),
+                Part::Path(ValuePath::Data(vec!["a".into(), "b".into()])),
+            ]
+        );
+        assert!(Template::parse("a}").is_err());
+        assert!(ValuePath::parse("doc.a.b").is_err());
+        assert!(ValuePath::parse("data..a").is_err());
+        assert_eq!(ValuePath::parse("metadata.m").unwrap().to_string(), "metadata.m");
+    }
+}

@@ -408,3 +408,174 @@ pub fn event_value(path: &ValuePath, env: &Envelope) -> Option<Value> {
         ValuePath::Key | ValuePath::Doc(_) => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::projection::def::parse;
+
+    fn def(ops: &str) -> Definition {
+        let text = format!("name = \"t\"\nversion = 1\nstore = \"redis\"\nkey = \"data.k\"\n{ops}");
+        parse(Path::new("t.toml"), &text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn ev(offset: u64, t: &str, data: Value) -> Input {
+        Input {
+            partition: 0,
+            offset,
+            event: Ok(Envelope {
+                id: uuid::Uuid::new_v4(),
+                stream: "s-1".into(),
+                version: offset + 1,
+                event_type: t.into(),
+                data: data.as_object().unwrap().clone(),
+                metadata: Default::default(),
+                recorded_at: "2026-11-24T00:00:00Z".into(),
+            }),
+        }
+    }
+
+    fn run(d: &Definition, events: &[(&str, Value)]) -> Effects {
+        let inputs: Vec<Input> = events
+            .iter()
+            .enumerate()
+            .map(|(i, (t, v))| ev(i as u64, t, v.clone()))
+            .collect();
+        fold(d, &inputs, &DocReads::new())
+    }
+
+    fn field<'a>(fx: &'a Effects, key: &str, f: &str) -> &'a FieldDelta {
+        &fx.docs[key].fields[f]
+    }
+
+    #[test]
+    fn set_keeps_the_last_value_from_a_path_or_a_constant() {
+        let d = def("[[on.A]]\nop = \"set\"\nfield = \"name\"\nfrom = \"data.n\"\n[[on.B]]\nop = \"set\"\nfield = \"flag\"\nvalue = true\n");
+        let fx = run(&d, &[("A", json!({"k": "x", "n": "one"})), ("A", json!({"k": "x", "n": "two"})), ("B", json!({"k": "x"}))]);
+        assert_eq!(field(&fx, "x", "name"), &FieldDelta::Set(json!("two")));
+        assert_eq!(field(&fx, "x", "flag"), &FieldDelta::Set(json!(true)));
+        assert_eq!(fx.applied, 3);
+    }
+
+    #[test]
+    fn increments_combine_into_one_write_per_key() {
+        let d = def("[[on.A]]\nop = \"incr\"\nfield = \"n\"\n[[on.B]]\nop = \"decr\"\nfield = \"n\"\nby = 3\n[[on.C]]\nop = \"incr\"\nfield = \"n\"\nfrom = \"data.by\"\n");
+        let mut events = vec![("A", json!({"k": "hot"})); 10_000];
+        events.push(("B", json!({"k": "hot"})));
+        events.push(("C", json!({"k": "hot", "by": 5})));
+        events.push(("A", json!({"k": "cold"})));
+        let fx = run(&d, &events);
+        assert_eq!(fx.docs.len(), 2, "one delta per key");
+        assert_eq!(field(&fx, "hot", "n"), &FieldDelta::Incr(10_000 - 3 + 5));
+        assert_eq!(field(&fx, "cold", "n"), &FieldDelta::Incr(1));
+    }
+
+    #[test]
+    fn set_members_keep_the_last_add_or_remove() {
+        let d = def("[[on.A]]\nop = \"add\"\nfield = \"s\"\nfrom = \"data.m\"\n[[on.R]]\nop = \"remove\"\nfield = \"s\"\nfrom = \"data.m\"\n");
+        let fx = run(&d, &[("A", json!({"k": "x", "m": "a"})), ("A", json!({"k": "x", "m": "b"})), ("R", json!({"k": "x", "m": "a"})), ("R", json!({"k": "x", "m": "c"}))]);
+        let want = BTreeMap::from([("\"a\"".to_string(), false), ("\"b\"".to_string(), true), ("\"c\"".to_string(), false)]);
+        assert_eq!(field(&fx, "x", "s"), &FieldDelta::Members(want));
+    }
+
+    #[test]
+    fn count_distinct_gathers_each_value_once() {
+        let d = def("[[on.V]]\nop = \"count_distinct\"\nfield = \"u\"\nfrom = \"data.user\"\n");
+        let fx = run(&d, &[("V", json!({"k": "x", "user": "a"})), ("V", json!({"k": "x", "user": "a"})), ("V", json!({"k": "x", "user": 7}))]);
+        assert_eq!(field(&fx, "x", "u"), &FieldDelta::Distinct(BTreeSet::from(["\"a\"".to_string(), "7".to_string()])));
+    }
+
+    #[test]
+    fn push_keeps_the_newest_cap_items_newest_first() {
+        let d = def("[[on.P]]\nop = \"push\"\nfield = \"l\"\nfrom = \"data.i\"\ncap = 3\n");
+        let events: Vec<_> = (1..=5).map(|i| ("P", json!({"k": "x", "i": i}))).collect();
+        let fx = run(&d, &events);
+        let items: VecDeque<String> = ["5", "4", "3"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(field(&fx, "x", "l"), &FieldDelta::Push { items, cap: 3 });
+    }
+
+    #[test]
+    fn rank_sums_per_member_and_names_the_ranking_from_the_read_model() {
+        let d = def("[[on.Pub]]\nop = \"set\"\nfield = \"tribe\"\nfrom = \"data.t\"\n[[on.Like]]\nop = \"rank\"\nranking = \"top:{doc.tribe}\"\n[[on.Unlike]]\nop = \"unrank\"\nranking = \"top:{doc.tribe}\"\nmember = \"{data.k}!\"\nby = 2\n");
+        // "p1" was published in an earlier batch (stored), "p2" in this one.
+        let stored = DocReads::from([("p1".to_string(), BTreeMap::from([("tribe".to_string(), json!("t1"))]))]);
+        let inputs = vec![
+            ev(0, "Like", json!({"k": "p1"})),
+            ev(1, "Pub", json!({"k": "p2", "t": "t2"})),
+            ev(2, "Like", json!({"k": "p2"})),
+            ev(3, "Like", json!({"k": "p1"})),
+            ev(4, "Unlike", json!({"k": "p1"})),
+        ];
+        let fx = fold(&d, &inputs, &stored);
+        assert_eq!(fx.rankings["top:t1"], BTreeMap::from([("p1".to_string(), 2.0), ("p1!".to_string(), -2.0)]));
+        assert_eq!(fx.rankings["top:t2"], BTreeMap::from([("p2".to_string(), 1.0)]));
+    }
+
+    #[test]
+    fn delete_drops_what_came_before_and_marks_a_reset() {
+        let d = def("[[on.A]]\nop = \"incr\"\nfield = \"n\"\n[[on.D]]\nop = \"delete\"\n");
+        let fx = run(&d, &[("A", json!({"k": "x"})), ("A", json!({"k": "x"})), ("D", json!({"k": "x"})), ("A", json!({"k": "x"}))]);
+        assert!(fx.docs["x"].reset);
+        assert_eq!(field(&fx, "x", "n"), &FieldDelta::Incr(1));
+    }
+
+    #[test]
+    fn doc_reads_see_earlier_changes_of_the_same_batch_and_respect_deletes() {
+        let d = def("[[on.A]]\nop = \"incr\"\nfield = \"n\"\n[[on.S]]\nop = \"set\"\nfield = \"copy\"\nfrom = \"doc.n\"\n[[on.D]]\nop = \"delete\"\n");
+        let stored = DocReads::from([("x".to_string(), BTreeMap::from([("n".to_string(), json!(10))]))]);
+        let inputs = vec![ev(0, "A", json!({"k": "x"})), ev(1, "S", json!({"k": "x"})), ev(2, "D", json!({"k": "x"})), ev(3, "S", json!({"k": "x"}))];
+        let fx = fold(&d, &inputs, &stored);
+        // After the delete, the counter reads 0, not the stored 10.
+        assert_eq!(field(&fx, "x", "copy"), &FieldDelta::Set(json!(0)));
+        let fx = fold(&d, &inputs[..2], &stored);
+        assert_eq!(field(&fx, "x", "copy"), &FieldDelta::Set(json!(11)));
+    }
+
+    #[test]
+    fn a_failing_event_becomes_a_dead_letter_and_leaves_no_partial_effect() {
+        let d = def("[[on.A]]\nop = \"incr\"\nfield = \"n\"\n[[on.A]]\nop = \"incr\"\nfield = \"m\"\nfrom = \"data.by\"\n");
+        let fx = run(&d, &[("A", json!({"k": "x", "by": 1})), ("A", json!({"k": "x", "by": "lots"})), ("A", json!({"k": "y"})), ("A", json!({"by": 1}))]);
+        assert_eq!(field(&fx, "x", "n"), &FieldDelta::Incr(1), "the bad event's first op was undone");
+        assert_eq!(field(&fx, "x", "m"), &FieldDelta::Incr(1));
+        assert!(!fx.docs.contains_key("y"), "an event whose second op fails leaves nothing");
+        let reasons: Vec<(u64, &str)> = fx.dead_letters.iter().map(|d| (d.offset, d.reason.as_str())).collect();
+        assert_eq!(reasons.len(), 3, "{reasons:?}");
+        assert!(reasons[0].1.contains("must be an integer"), "{reasons:?}");
+        assert!(reasons[1].1.contains("`data.by` is missing"), "{reasons:?}");
+        assert!(reasons[2].1.contains("key"), "{reasons:?}");
+        assert_eq!(fx.applied, 1);
+        assert_eq!(fx.halted_at, None);
+    }
+
+    #[test]
+    fn halt_stops_the_fold_at_the_bad_event() {
+        let d = parse(Path::new("t.toml"), "name = \"t\"\nversion = 1\nstore = \"redis\"\nkey = \"data.k\"\non_error = \"halt\"\n[[on.A]]\nop = \"incr\"\nfield = \"n\"\n").unwrap();
+        let fx = run(&d, &[("A", json!({"k": "x"})), ("A", json!({})), ("A", json!({"k": "x"}))]);
+        assert_eq!(fx.halted_at, Some(1));
+        assert_eq!(field(&fx, "x", "n"), &FieldDelta::Incr(1), "nothing after the halt");
+    }
+
+    #[test]
+    fn undecodable_records_are_dead_letters_and_other_types_are_skipped() {
+        let d = def("[[on.A]]\nop = \"incr\"\nfield = \"n\"\n");
+        let inputs = vec![
+            Input { partition: 1, offset: 7, event: Err("not an event envelope".into()) },
+            ev(8, "Other", json!({"k": "x"})),
+        ];
+        let fx = fold(&d, &inputs, &DocReads::new());
+        assert_eq!(fx.dead_letters.len(), 1);
+        assert_eq!((fx.dead_letters[0].partition, fx.dead_letters[0].offset), (1, 7));
+        assert!(fx.docs.is_empty());
+    }
+
+    #[test]
+    fn keys_to_read_lists_the_keys_of_events_with_doc_reads() {
+        let d = def("[[on.Pub]]\nop = \"set\"\nfield = \"t\"\nfrom = \"data.t\"\n[[on.Like]]\nop = \"rank\"\nranking = \"r:{doc.t}\"\n");
+        let inputs = vec![ev(0, "Like", json!({"k": "a"})), ev(1, "Nope", json!({"k": "b"})), ev(2, "Pub", json!({"k": "c", "t": 1}))];
+        assert_eq!(keys_to_read(&d, &inputs), BTreeSet::from(["a".to_string(), "c".to_string()]));
+    }
+}

@@ -208,6 +208,12 @@ fn apply_effects(txn: &WriteTransaction, gid: &str, fx: &Effects) -> Result<(), 
         for (field, d) in &delta.fields {
             apply_field(&mut doc, field, d);
         }
+        // As in Redis, an emptied set or list no longer exists.
+        doc.fields.retain(|_, v| match v {
+            Stored::Set(s) => !s.is_empty(),
+            Stored::List(l) => !l.is_empty(),
+            _ => true,
+        });
         if doc.fields.is_empty() {
             docs.remove((gid, key.as_str()))?;
         } else {
