@@ -74,11 +74,13 @@ PY
 }
 
 start_redis() {
-  if port_open 6379; then say "redis already listens on 127.0.0.1:6379; reusing it"; return 0; fi
+  # The binary is needed even when a redis already runs: a test starts (and
+  # restarts) a private one to lose its data.
   if ! command -v redis-server >/dev/null 2>&1; then
     say "installing redis-server from Debian packages"
     { apt-get update -qq && apt-get install -y -qq redis-server; } >&2
   fi
+  if port_open 6379; then say "redis already listens on 127.0.0.1:6379; reusing it"; return 0; fi
   mkdir -p "$SERVICES_DIR"
   redis-server --port 6379 --bind 127.0.0.1 --save "" --appendonly no \
       --daemonize no --dir "$SERVICES_DIR" >"$SERVICES_DIR/redis.log" 2>&1 &

@@ -8,6 +8,7 @@
 //! | module | role |
 //! |---|---|
 //! | [`cli`] | `refold serve` / `refold migrate`; the binary is a thin call into it |
+//! | [`client`] | the HTTP client of `refold status`, `replay` and `demo` |
 //! | [`config`] | settings from `refold.toml`, `REFOLD_*` and flags, validated once |
 //! | [`telemetry`] | tracing: human or JSON logs |
 //! | [`server`] | wiring and graceful shutdown: log, migrations, write path, HTTP |
@@ -23,6 +24,7 @@
 //! | [`migrate`] | `migrations/*.toml`: topics created or checked, applied once, recorded |
 
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod error;

@@ -36,21 +36,27 @@ fn params(q: Params, allowed: &[&str]) -> Result<HashMap<String, String>, ApiErr
     if let Some(k) = q.keys().find(|k| !allowed.contains(&k.as_str())) {
         return Err(ApiError::invalid(
             k.clone(),
-            format!("unknown query parameter; this endpoint takes {}", allowed.join(", ")),
+            format!(
+                "unknown query parameter; this endpoint takes {}",
+                allowed.join(", ")
+            ),
         ));
     }
     Ok(q)
 }
 
-fn number<T: std::str::FromStr>(q: &HashMap<String, String>, name: &str, default: T, max: T) -> Result<T, ApiError>
+fn number<T>(q: &HashMap<String, String>, name: &str, default: T, max: T) -> Result<T, ApiError>
 where
-    T: PartialOrd + Copy + std::fmt::Display,
+    T: std::str::FromStr + PartialOrd + Copy + std::fmt::Display,
 {
     match q.get(name) {
         None => Ok(default),
         Some(v) => match v.parse::<T>() {
             Ok(n) if n <= max => Ok(n),
-            _ => Err(ApiError::invalid(name, format!("must be a whole number up to {max}, got {v:?}"))),
+            _ => Err(ApiError::invalid(
+                name,
+                format!("must be a whole number up to {max}, got {v:?}"),
+            )),
         },
     }
 }
@@ -64,7 +70,10 @@ fn projection<'a>(s: &'a AppState, name: &str) -> Result<&'a Arc<Projection>, Ap
 }
 
 /// The live generation, once it covers `after` (when given).
-async fn caught_up(p: &Projection, q: &HashMap<String, String>) -> Result<Arc<Generation>, ApiError> {
+async fn caught_up(
+    p: &Projection,
+    q: &HashMap<String, String>,
+) -> Result<Arc<Generation>, ApiError> {
     let wait_ms = number(q, "wait_ms", DEFAULT_WAIT_MS, MAX_WAIT_MS)?;
     let Some(token) = q.get("after") else {
         return Ok(p.live());
@@ -102,7 +111,8 @@ fn store_error(e: impl std::fmt::Display) -> ApiError {
 }
 
 fn path<T>(p: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
-    p.map(|Path(t)| t).map_err(|e| ApiError::invalid("path", e.body_text()))
+    p.map(|Path(t)| t)
+        .map_err(|e| ApiError::invalid("path", e.body_text()))
 }
 
 /// `GET /views/{projection}/{key}`
@@ -115,9 +125,16 @@ pub async fn view(
     let q = params(q, &["after", "wait_ms"])?;
     let p = projection(&s, &name)?;
     let g = caught_up(p, &q).await?;
-    match p.store().view(&g.id, &g.def.schema, &key).await.map_err(store_error)? {
+    match p
+        .store()
+        .view(&g.id, &g.def.schema, &key)
+        .await
+        .map_err(store_error)?
+    {
         Some(doc) => Ok(Json(Value::Object(doc))),
-        None => Err(ApiError::NotFound(format!("projection {name} has nothing for key {key:?}"))),
+        None => Err(ApiError::NotFound(format!(
+            "projection {name} has nothing for key {key:?}"
+        ))),
     }
 }
 
@@ -132,7 +149,11 @@ pub async fn ranking(
     let limit = number(&q, "limit", DEFAULT_LIMIT, MAX_LIMIT)?.max(1);
     let p = projection(&s, &name)?;
     let g = caught_up(p, &q).await?;
-    let top = p.store().ranking(&g.id, &ranking, limit).await.map_err(store_error)?;
+    let top = p
+        .store()
+        .ranking(&g.id, &ranking, limit)
+        .await
+        .map_err(store_error)?;
     let members: Vec<Value> = top
         .into_iter()
         .map(|(member, score)| json!({"member": member, "score": score}))
@@ -150,20 +171,33 @@ pub async fn list(State(s): State<AppState>) -> Json<Value> {
 }
 
 /// `GET /projections/{name}`
-pub async fn status(State(s): State<AppState>, p: Result<Path<String>, PathRejection>) -> Result<Json<Value>, ApiError> {
+pub async fn status(
+    State(s): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
     let name = path(p)?;
     Ok(Json(projection(&s, &name)?.status().await))
 }
 
 /// `POST /projections/{name}/replay`: 202, the replay runs in the background.
-pub async fn start_replay(State(s): State<AppState>, p: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
+pub async fn start_replay(
+    State(s): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
     let name = path(p)?;
     let replay = projection(&s, &name)?.replay().await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({"projection": name, "replay": replay}))).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"projection": name, "replay": replay})),
+    )
+        .into_response())
 }
 
 /// `DELETE /projections/{name}/replay`
-pub async fn cancel_replay(State(s): State<AppState>, p: Result<Path<String>, PathRejection>) -> Result<Json<Value>, ApiError> {
+pub async fn cancel_replay(
+    State(s): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
     let name = path(p)?;
     Ok(Json(projection(&s, &name)?.cancel_replay().await?))
 }

@@ -89,7 +89,11 @@ impl Refold {
         if defs.is_empty() {
             warn!(dir = %config.projections.display(), "no projection definitions found; only ingest is served");
         }
-        let store = if defs.is_empty() { None } else { Some(open_kv(config).await?) };
+        let store = if defs.is_empty() {
+            None
+        } else {
+            Some(open_kv(config).await?)
+        };
         let events = config.topic(migrate::EVENTS);
         let partitions = log
             .describe_topic(&events)

@@ -146,7 +146,9 @@ impl ValuePath {
             "data" => Ok(ValuePath::Data(rest)),
             "metadata" => Ok(ValuePath::Metadata(rest)),
             "doc" if rest.len() == 1 => Ok(ValuePath::Doc(rest[0].clone())),
-            "doc" => Err(format!("`doc` paths name one field, like `doc.tribe_id` (got `{s}`)")),
+            "doc" => Err(format!(
+                "`doc` paths name one field, like `doc.tribe_id` (got `{s}`)"
+            )),
             _ => Err(format!(
                 "unknown path `{s}`: paths start with data., metadata., doc., or are key, stream, type, id, version, recorded_at"
             )),
@@ -214,14 +216,39 @@ pub struct Op {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum OpKind {
-    Set { field: String, value: Source },
+    Set {
+        field: String,
+        value: Source,
+    },
     /// `decr` is an `Incr` with the amount negated.
-    Incr { field: String, by: Source, negate: bool },
-    Add { field: String, value: Source },
-    Remove { field: String, value: Source },
-    CountDistinct { field: String, value: Source },
-    Push { field: String, value: Source, cap: usize },
-    Rank { ranking: Template, member: Template, by: Source, negate: bool },
+    Incr {
+        field: String,
+        by: Source,
+        negate: bool,
+    },
+    Add {
+        field: String,
+        value: Source,
+    },
+    Remove {
+        field: String,
+        value: Source,
+    },
+    CountDistinct {
+        field: String,
+        value: Source,
+    },
+    Push {
+        field: String,
+        value: Source,
+        cap: usize,
+    },
+    Rank {
+        ranking: Template,
+        member: Template,
+        by: Source,
+        negate: bool,
+    },
     Delete,
 }
 
@@ -356,11 +383,16 @@ pub fn parse(file: &FsPath, source: &str) -> Result<Definition, DefError> {
     })?;
 
     let name = raw.name.get_ref().clone();
-    let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    let stem = file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default();
     if !is_ident(&name) || name.starts_with('_') || name.chars().any(|c| c.is_ascii_uppercase()) {
         return Err(err(
             raw.name.span().start,
-            format!("name `{name}` must be lowercase letters, digits and `_`, starting with a letter"),
+            format!(
+                "name `{name}` must be lowercase letters, digits and `_`, starting with a letter"
+            ),
         ));
     }
     if !stem.is_empty() && stem != name {
@@ -371,14 +403,18 @@ pub fn parse(file: &FsPath, source: &str) -> Result<Definition, DefError> {
     }
     let version = *raw.version.get_ref();
     if !(1..=i64::from(u32::MAX)).contains(&version) {
-        return Err(err(raw.version.span().start, "version must be a positive integer".into()));
+        return Err(err(
+            raw.version.span().start,
+            "version must be a positive integer".into(),
+        ));
     }
     let store = match raw.store.get_ref().as_str() {
         "redis" => StoreKind::Redis,
         "elasticsearch" => {
             return Err(err(
                 raw.store.span().start,
-                "store `elasticsearch` (document projections) is not supported yet; use `redis`".into(),
+                "store `elasticsearch` (document projections) is not supported yet; use `redis`"
+                    .into(),
             ));
         }
         other => {
@@ -390,9 +426,16 @@ pub fn parse(file: &FsPath, source: &str) -> Result<Definition, DefError> {
     };
     let key = ValuePath::parse(raw.key.get_ref()).map_err(|r| err(raw.key.span().start, r))?;
     if matches!(key, ValuePath::Key | ValuePath::Doc(_)) {
-        return Err(err(raw.key.span().start, "the key must come from the event".into()));
+        return Err(err(
+            raw.key.span().start,
+            "the key must come from the event".into(),
+        ));
     }
-    let on_error = match raw.on_error.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+    let on_error = match raw
+        .on_error
+        .as_ref()
+        .map(|s| (s.get_ref().as_str(), s.span()))
+    {
         None | Some(("dead_letter", _)) => OnError::DeadLetter,
         Some(("halt", _)) => OnError::Halt,
         Some((other, span)) => {
@@ -403,7 +446,10 @@ pub fn parse(file: &FsPath, source: &str) -> Result<Definition, DefError> {
         }
     };
     if raw.on.is_empty() {
-        return Err(err(0, "no [[on.EventType]] operations: the projection would do nothing".into()));
+        return Err(err(
+            0,
+            "no [[on.EventType]] operations: the projection would do nothing".into(),
+        ));
     }
 
     let mut schema: BTreeMap<String, FieldKind> = BTreeMap::new();
@@ -411,7 +457,10 @@ pub fn parse(file: &FsPath, source: &str) -> Result<Definition, DefError> {
     let mut doc_reads = Vec::new();
     for (event_type, ops) in raw.on {
         if crate::event::validate_type(&event_type).is_err() {
-            return Err(err(0, format!("`on.{event_type}`: not a valid event type name")));
+            return Err(err(
+                0,
+                format!("`on.{event_type}`: not a valid event type name"),
+            ));
         }
         let mut out = Vec::new();
         for op in ops {
@@ -433,10 +482,10 @@ pub fn parse(file: &FsPath, source: &str) -> Result<Definition, DefError> {
                 }
             }
             for p in op_paths(&op) {
-                if let ValuePath::Doc(f) = p {
-                    if !doc_reads.contains(f) {
-                        doc_reads.push(f.clone());
-                    }
+                if let ValuePath::Doc(f) = p
+                    && !doc_reads.contains(f)
+                {
+                    doc_reads.push(f.clone());
                 }
             }
             out.push(op);
@@ -447,9 +496,20 @@ pub fn parse(file: &FsPath, source: &str) -> Result<Definition, DefError> {
         match schema.get(f) {
             Some(FieldKind::Value | FieldKind::Counter) => {}
             Some(k) => {
-                return Err(err(0, format!("`doc.{f}` reads a {} field; only set and incr/decr fields can be read", k.op_names())));
+                return Err(err(
+                    0,
+                    format!(
+                        "`doc.{f}` reads a {} field; only set and incr/decr fields can be read",
+                        k.op_names()
+                    ),
+                ));
             }
-            None => return Err(err(0, format!("`doc.{f}` reads a field no operation writes"))),
+            None => {
+                return Err(err(
+                    0,
+                    format!("`doc.{f}` reads a field no operation writes"),
+                ));
+            }
         }
     }
     Ok(Definition {
@@ -493,7 +553,12 @@ fn op_paths(op: &Op) -> Vec<&ValuePath> {
         | OpKind::CountDistinct { value, .. }
         | OpKind::Push { value, .. } => out.extend(src(value)),
         OpKind::Incr { by, .. } => out.extend(src(by)),
-        OpKind::Rank { ranking, member, by, .. } => {
+        OpKind::Rank {
+            ranking,
+            member,
+            by,
+            ..
+        } => {
             out.extend(ranking.paths());
             out.extend(member.paths());
             out.extend(src(by));
@@ -507,7 +572,9 @@ fn field_name(field: String) -> Result<String, String> {
     if is_ident(&field) {
         Ok(field)
     } else {
-        Err(format!("field `{field}` must be letters, digits and `_`, not starting with a digit"))
+        Err(format!(
+            "field `{field}` must be letters, digits and `_`, not starting with a digit"
+        ))
     }
 }
 
@@ -536,33 +603,84 @@ fn amount(by: Option<i64>, from: Option<String>) -> Result<Source, String> {
 
 fn validate_op(raw: RawOp) -> Result<Op, String> {
     let (key, kind) = match raw {
-        RawOp::Set { field, from, value, key } => {
+        RawOp::Set {
+            field,
+            from,
+            value,
+            key,
+        } => {
             let value = match (from, value) {
                 (Some(p), None) => Source::Path(event_path(&p)?),
-                (None, Some(v)) => Source::Const(
-                    serde_json::to_value(v).map_err(|e| format!("value: {e}"))?,
-                ),
-                _ => return Err("set takes exactly one of `from` (a path) or `value` (a constant)".into()),
+                (None, Some(v)) => {
+                    Source::Const(serde_json::to_value(v).map_err(|e| format!("value: {e}"))?)
+                }
+                _ => {
+                    return Err(
+                        "set takes exactly one of `from` (a path) or `value` (a constant)".into(),
+                    );
+                }
             };
-            (key, OpKind::Set { field: field_name(field)?, value })
+            (
+                key,
+                OpKind::Set {
+                    field: field_name(field)?,
+                    value,
+                },
+            )
         }
-        RawOp::Incr { field, by, from, key } => {
-            (key, OpKind::Incr { field: field_name(field)?, by: amount(by, from)?, negate: false })
-        }
-        RawOp::Decr { field, by, from, key } => {
-            (key, OpKind::Incr { field: field_name(field)?, by: amount(by, from)?, negate: true })
-        }
-        RawOp::Add { field, from, key } => {
-            (key, OpKind::Add { field: field_name(field)?, value: Source::Path(event_path(&from)?) })
-        }
-        RawOp::Remove { field, from, key } => {
-            (key, OpKind::Remove { field: field_name(field)?, value: Source::Path(event_path(&from)?) })
-        }
+        RawOp::Incr {
+            field,
+            by,
+            from,
+            key,
+        } => (
+            key,
+            OpKind::Incr {
+                field: field_name(field)?,
+                by: amount(by, from)?,
+                negate: false,
+            },
+        ),
+        RawOp::Decr {
+            field,
+            by,
+            from,
+            key,
+        } => (
+            key,
+            OpKind::Incr {
+                field: field_name(field)?,
+                by: amount(by, from)?,
+                negate: true,
+            },
+        ),
+        RawOp::Add { field, from, key } => (
+            key,
+            OpKind::Add {
+                field: field_name(field)?,
+                value: Source::Path(event_path(&from)?),
+            },
+        ),
+        RawOp::Remove { field, from, key } => (
+            key,
+            OpKind::Remove {
+                field: field_name(field)?,
+                value: Source::Path(event_path(&from)?),
+            },
+        ),
         RawOp::CountDistinct { field, from, key } => (
             key,
-            OpKind::CountDistinct { field: field_name(field)?, value: Source::Path(event_path(&from)?) },
+            OpKind::CountDistinct {
+                field: field_name(field)?,
+                value: Source::Path(event_path(&from)?),
+            },
         ),
-        RawOp::Push { field, from, cap, key } => {
+        RawOp::Push {
+            field,
+            from,
+            cap,
+            key,
+        } => {
             let cap = cap.unwrap_or(100);
             if !(1..=MAX_CAP as i64).contains(&cap) {
                 return Err(format!("cap must be between 1 and {MAX_CAP}"));
@@ -576,11 +694,26 @@ fn validate_op(raw: RawOp) -> Result<Op, String> {
                 },
             )
         }
-        RawOp::Rank { ranking, member, by, from, key } => (key, rank(ranking, member, by, from, false)?),
-        RawOp::Unrank { ranking, member, by, from, key } => (key, rank(ranking, member, by, from, true)?),
+        RawOp::Rank {
+            ranking,
+            member,
+            by,
+            from,
+            key,
+        } => (key, rank(ranking, member, by, from, false)?),
+        RawOp::Unrank {
+            ranking,
+            member,
+            by,
+            from,
+            key,
+        } => (key, rank(ranking, member, by, from, true)?),
         RawOp::Delete { key } => (key, OpKind::Delete),
     };
-    Ok(Op { key: key_path(key)?, kind })
+    Ok(Op {
+        key: key_path(key)?,
+        kind,
+    })
 }
 
 fn rank(
@@ -641,7 +774,8 @@ ranking = "top:{doc.tribe_id}"
     #[test]
     fn the_demo_definitions_load() {
         for def in ["post_stats", "tribe_feed"] {
-            let file = FsPath::new(env!("CARGO_MANIFEST_DIR")).join(format!("projections/{def}.toml"));
+            let file =
+                FsPath::new(env!("CARGO_MANIFEST_DIR")).join(format!("projections/{def}.toml"));
             let text = std::fs::read_to_string(&file).unwrap();
             parse(&file, &text).unwrap_or_else(|e| panic!("{e}"));
         }
@@ -651,19 +785,71 @@ ranking = "top:{doc.tribe_id}"
     #[test]
     fn bad_definitions_name_file_line_and_reason() {
         let cases: &[(&str, usize, &str)] = &[
-            ("name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"explode\"\n", 6, "explode"),
-            ("name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"incr\"\nfield = \"n\"\ncolour = 1\n", 5, "colour"),
-            ("name = \"p\"\nversion = 1\nstore = \"mongo\"\nkey = \"data.x\"\n", 3, "unknown store"),
-            ("name = \"q\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n", 1, "does not match the file name"),
-            ("name = \"p\"\nversion = 0\nstore = \"redis\"\nkey = \"data.x\"\n", 2, "positive"),
-            ("name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"body.x\"\n", 4, "unknown path"),
-            ("name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"incr\"\nfield = \"n\"\n[[on.B]]\nop = \"set\"\nfield = \"n\"\nvalue = 1\n", 8, "one field holds one kind"),
-            ("name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"push\"\nfield = \"l\"\nfrom = \"data.y\"\ncap = 0\n", 5, "cap must be"),
-            ("name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"rank\"\nranking = \"r:{data.y\"\n", 5, "unclosed"),
-            ("name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"set\"\nfield = \"f\"\n", 5, "exactly one of"),
-            ("name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n", 1, "no [[on.EventType]]"),
-            ("name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"rank\"\nranking = \"r:{doc.nope}\"\n", 1, "no operation writes"),
-            ("name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = [1]\n", 4, "invalid type"),
+            (
+                "name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"explode\"\n",
+                6,
+                "explode",
+            ),
+            (
+                "name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"incr\"\nfield = \"n\"\ncolour = 1\n",
+                5,
+                "colour",
+            ),
+            (
+                "name = \"p\"\nversion = 1\nstore = \"mongo\"\nkey = \"data.x\"\n",
+                3,
+                "unknown store",
+            ),
+            (
+                "name = \"q\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n",
+                1,
+                "does not match the file name",
+            ),
+            (
+                "name = \"p\"\nversion = 0\nstore = \"redis\"\nkey = \"data.x\"\n",
+                2,
+                "positive",
+            ),
+            (
+                "name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"body.x\"\n",
+                4,
+                "unknown path",
+            ),
+            (
+                "name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"incr\"\nfield = \"n\"\n[[on.B]]\nop = \"set\"\nfield = \"n\"\nvalue = 1\n",
+                8,
+                "one field holds one kind",
+            ),
+            (
+                "name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"push\"\nfield = \"l\"\nfrom = \"data.y\"\ncap = 0\n",
+                5,
+                "cap must be",
+            ),
+            (
+                "name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"rank\"\nranking = \"r:{data.y\"\n",
+                5,
+                "unclosed",
+            ),
+            (
+                "name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"set\"\nfield = \"f\"\n",
+                5,
+                "exactly one of",
+            ),
+            (
+                "name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n",
+                1,
+                "no [[on.EventType]]",
+            ),
+            (
+                "name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"rank\"\nranking = \"r:{doc.nope}\"\n",
+                1,
+                "no operation writes",
+            ),
+            (
+                "name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = [1]\n",
+                4,
+                "invalid type",
+            ),
         ];
         let mut wrong = Vec::new();
         for (text, line, reason) in cases {
@@ -691,6 +877,9 @@ ranking = "top:{doc.tribe_id}"
         assert!(Template::parse("a}").is_err());
         assert!(ValuePath::parse("doc.a.b").is_err());
         assert!(ValuePath::parse("data..a").is_err());
-        assert_eq!(ValuePath::parse("metadata.m").unwrap().to_string(), "metadata.m");
+        assert_eq!(
+            ValuePath::parse("metadata.m").unwrap().to_string(),
+            "metadata.m"
+        );
     }
 }

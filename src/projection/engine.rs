@@ -124,7 +124,12 @@ pub struct Generation {
 }
 
 impl Generation {
-    fn start(ctx: &Arc<Ctx>, store: Arc<dyn KvStore>, info: GenInfo, def: Arc<Definition>) -> Arc<Self> {
+    fn start(
+        ctx: &Arc<Ctx>,
+        store: Arc<dyn KvStore>,
+        info: GenInfo,
+        def: Arc<Definition>,
+    ) -> Arc<Self> {
         let g = Arc::new(Generation {
             id: GenRef {
                 projection: def.name.clone(),
@@ -196,8 +201,9 @@ impl Generation {
 fn decode(r: ConsumedRecord) -> Input {
     let event = match &r.record.value {
         None => Err("tombstone (erased event)".to_owned()),
-        Some(v) => serde_json::from_slice::<Envelope>(v)
-            .map_err(|e| format!("not an event envelope: {e}")),
+        Some(v) => {
+            serde_json::from_slice::<Envelope>(v).map_err(|e| format!("not an event envelope: {e}"))
+        }
     };
     Input {
         partition: r.partition,
@@ -276,7 +282,10 @@ async fn run_partition(
         };
         let fx = fold::fold(&g.def, &inputs, &reads);
         let commit_to = fx.halted_at.unwrap_or(upto);
-        match session.commit(expected, commit_to, &fx, &g.def.schema).await? {
+        match session
+            .commit(expected, commit_to, &fx, &g.def.schema)
+            .await?
+        {
             Commit::Applied => {
                 expected = Some(commit_to);
                 next = commit_to;
@@ -287,7 +296,11 @@ async fn run_partition(
                     warn!(projection = %g.id, partition, offset = dl.offset, reason = %dl.reason, "dead letter");
                 }
                 if let Some(at) = fx.halted_at {
-                    let reason = fx.dead_letters.last().map(|d| d.reason.clone()).unwrap_or_default();
+                    let reason = fx
+                        .dead_letters
+                        .last()
+                        .map(|d| d.reason.clone())
+                        .unwrap_or_default();
                     let msg = format!("halted at partition {partition} offset {at}: {reason}");
                     warn!(projection = %g.id, "{msg}");
                     *g.failed.lock().unwrap() = Some(msg);
@@ -387,18 +400,27 @@ impl Projection {
     pub async fn cancel_replay(&self) -> Result<Value, ApiError> {
         let mut slot = self.replay.lock().await;
         let Some(r) = slot.take() else {
-            return Err(ApiError::NotFound(format!("projection {} has no replay to cancel", self.name)));
+            return Err(ApiError::NotFound(format!(
+                "projection {} has no replay to cancel",
+                self.name
+            )));
         };
         r.cancel.send_replace(true);
         r.generation.halt_workers().await;
-        self.forget_building(&r.generation).await.map_err(store_error)?;
+        self.forget_building(&r.generation)
+            .await
+            .map_err(store_error)?;
         info!(projection = %self.name, generation = r.generation.info.generation, "replay cancelled");
         Ok(json!({"projection": self.name, "cancelled_generation": r.generation.info.generation}))
     }
 
     async fn forget_building(&self, g: &Generation) -> Result<(), StoreError> {
         let mut meta = self.store.meta(&self.name).await?;
-        if meta.building.as_ref().is_some_and(|b| b.generation == g.info.generation) {
+        if meta
+            .building
+            .as_ref()
+            .is_some_and(|b| b.generation == g.info.generation)
+        {
             meta.building = None;
             self.store.put_meta(&self.name, &meta).await?;
         }
@@ -456,7 +478,12 @@ impl Projection {
     }
 
     /// Watches a replay; switches when it has caught up.
-    async fn monitor(self: Arc<Self>, new: Arc<Generation>, target: Vec<u64>, mut cancel: watch::Receiver<bool>) {
+    async fn monitor(
+        self: Arc<Self>,
+        new: Arc<Generation>,
+        target: Vec<u64>,
+        mut cancel: watch::Receiver<bool>,
+    ) {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
@@ -480,7 +507,11 @@ impl Projection {
                 continue;
             }
             let mut slot = self.replay.lock().await;
-            if *cancel.borrow() || !slot.as_ref().is_some_and(|r| Arc::ptr_eq(&r.generation, &new)) {
+            if *cancel.borrow()
+                || !slot
+                    .as_ref()
+                    .is_some_and(|r| Arc::ptr_eq(&r.generation, &new))
+            {
                 return;
             }
             match self.switch(&live, &new).await {
@@ -496,7 +527,11 @@ impl Projection {
     }
 
     /// Stops `old`, lets `new` reach where `old` stopped, then switches (I7).
-    async fn switch(self: &Arc<Self>, old: &Arc<Generation>, new: &Arc<Generation>) -> Result<(), StoreError> {
+    async fn switch(
+        self: &Arc<Self>,
+        old: &Arc<Generation>,
+        new: &Arc<Generation>,
+    ) -> Result<(), StoreError> {
         old.halt_workers().await;
         let final_old = old.applied();
         let mut rx = new.applied.subscribe();
@@ -509,7 +544,12 @@ impl Projection {
         };
         if let Err(e) = self.store.put_meta(&self.name, &meta).await {
             // Keep serving the old generation, and let it follow the log again.
-            let restarted = Generation::start(&self.ctx, self.store.clone(), old.info.clone(), old.def.clone());
+            let restarted = Generation::start(
+                &self.ctx,
+                self.store.clone(),
+                old.info.clone(),
+                old.def.clone(),
+            );
             *self.live.write().unwrap() = restarted;
             return Err(e);
         }
@@ -535,7 +575,11 @@ impl Projection {
         let position: u64 = got.iter().zip(&r.target).map(|(g, t)| (*g).min(*t)).sum();
         let total: u64 = r.target.iter().sum();
         let rate = r.generation.per_sec();
-        let progress = if total == 0 { 1.0 } else { position as f64 / total as f64 };
+        let progress = if total == 0 {
+            1.0
+        } else {
+            position as f64 / total as f64
+        };
         let eta = (rate > 0.0).then(|| (total - position) as f64 / rate);
         json!({
             "generation": r.generation.info.generation,
@@ -565,9 +609,12 @@ impl Projection {
                        "lag": end.map(|e| e.saturating_sub(*pos))})
             })
             .collect();
-        let lag: Option<u64> = ends
-            .as_ref()
-            .map(|e| e.iter().zip(&applied).map(|(e, a)| e.saturating_sub(*a)).sum());
+        let lag: Option<u64> = ends.as_ref().map(|e| {
+            e.iter()
+                .zip(&applied)
+                .map(|(e, a)| e.saturating_sub(*a))
+                .sum()
+        });
         let (dead_count, recent) = match self.store.dead_letters(&live.id, 5).await {
             Ok((n, r)) => (Some(n), r),
             Err(_) => (None, Vec::new()),
@@ -638,14 +685,20 @@ impl Engine {
         });
         let mut projections = BTreeMap::new();
         for def in defs {
-            let store = store.clone().ok_or_else(|| anyhow::anyhow!("no key-value store for projection {}", def.name))?;
+            let store = store
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("no key-value store for projection {}", def.name))?;
             let p = Self::start_one(&ctx, store, def).await?;
             projections.insert(p.name.clone(), p);
         }
         Ok(Self { projections, ctx })
     }
 
-    async fn start_one(ctx: &Arc<Ctx>, store: Arc<dyn KvStore>, def: Definition) -> anyhow::Result<Arc<Projection>> {
+    async fn start_one(
+        ctx: &Arc<Ctx>,
+        store: Arc<dyn KvStore>,
+        def: Definition,
+    ) -> anyhow::Result<Arc<Projection>> {
         let name = def.name.clone();
         let meta = store
             .meta(&name)
@@ -678,7 +731,10 @@ impl Engine {
             building: meta.building.clone(),
         };
         if new_meta != meta {
-            store.put_meta(&name, &new_meta).await.map_err(|e| anyhow::anyhow!("projection {name}: {e}"))?;
+            store
+                .put_meta(&name, &new_meta)
+                .await
+                .map_err(|e| anyhow::anyhow!("projection {name}: {e}"))?;
         }
         let live = Generation::start(ctx, store.clone(), live_info.clone(), Arc::new(live_def));
         let p = Arc::new(Projection {
@@ -699,14 +755,29 @@ impl Engine {
             building => {
                 if let Some(b) = building {
                     // An abandoned replay of another definition: drop it.
-                    let id = GenRef { projection: name.clone(), generation: b.generation };
+                    let id = GenRef {
+                        projection: name.clone(),
+                        generation: b.generation,
+                    };
                     store.drop_generation(&id).await?;
-                    store.put_meta(&name, &Meta { live: Some(live_info.clone()), building: None }).await?;
+                    store
+                        .put_meta(
+                            &name,
+                            &Meta {
+                                live: Some(live_info.clone()),
+                                building: None,
+                            },
+                        )
+                        .await?;
                 }
                 if wanted {
                     info!(projection = %name, from = live_info.version, to = def.version, "definition version changed; rebuilding by replay");
                     let number = live_info.generation.max(1) + 1;
-                    let info = GenInfo { generation: number, version: def.version, source: def.source.clone() };
+                    let info = GenInfo {
+                        generation: number,
+                        version: def.version,
+                        source: def.source.clone(),
+                    };
                     p.begin_replay(&mut slot, info, Arc::new(def), true).await?;
                 }
             }
@@ -726,7 +797,10 @@ impl Engine {
 
     /// Projections whose live generation halted.
     pub fn failed(&self) -> Vec<String> {
-        self.all().filter(|p| p.live().failure().is_some()).map(|p| p.name.clone()).collect()
+        self.all()
+            .filter(|p| p.live().failure().is_some())
+            .map(|p| p.name.clone())
+            .collect()
     }
 
     /// Stops every worker after its batch in flight; replays resume at next start.

@@ -55,7 +55,10 @@ pub enum FieldDelta {
     /// Values (canonical JSON) to count once each.
     Distinct(BTreeSet<String>),
     /// Pushed values (canonical JSON), newest first, at most `cap`.
-    Push { items: VecDeque<String>, cap: usize },
+    Push {
+        items: VecDeque<String>,
+        cap: usize,
+    },
 }
 
 /// The combined change of one read-model key within a batch.
@@ -97,7 +100,9 @@ pub fn keys_to_read(def: &Definition, inputs: &[Input]) -> BTreeSet<String> {
     }
     for input in inputs {
         let Ok(env) = &input.event else { continue };
-        let Some(ops) = def.handlers.get(&env.event_type) else { continue };
+        let Some(ops) = def.handlers.get(&env.event_type) else {
+            continue;
+        };
         for op in ops {
             let path = op.key.as_ref().unwrap_or(&def.key);
             if let Ok(k) = render_key(event_value(path, env), path) {
@@ -182,9 +187,20 @@ fn apply_event(
             if !saved.iter().any(|(k, _)| *k == key) {
                 saved.push((key.clone(), fx.docs.get(&key).cloned()));
             }
-            let ctx = Ctx { env, key: &key, delta: fx.docs.get(&key), stored: stored.get(&key), def };
+            let ctx = Ctx {
+                env,
+                key: &key,
+                delta: fx.docs.get(&key),
+                stored: stored.get(&key),
+                def,
+            };
             match &op.kind {
-                OpKind::Rank { ranking, member, by, negate } => {
+                OpKind::Rank {
+                    ranking,
+                    member,
+                    by,
+                    negate,
+                } => {
                     let name = ctx.render(ranking, "ranking")?;
                     let member = ctx.render(member, "member")?;
                     let by = ctx.number(by)?;
@@ -202,7 +218,11 @@ fn apply_event(
     match result {
         Ok(()) => {
             for (name, member, by) in ranks {
-                *fx.rankings.entry(name).or_default().entry(member).or_default() += by;
+                *fx.rankings
+                    .entry(name)
+                    .or_default()
+                    .entry(member)
+                    .or_default() += by;
             }
             Ok(())
         }
@@ -270,7 +290,11 @@ impl Ctx<'_> {
     /// What the read model holds for `field` now: stored, then this batch's delta.
     fn doc(&self, field: &str) -> Option<Value> {
         let reset = self.delta.is_some_and(|d| d.reset);
-        let stored = if reset { None } else { self.stored.and_then(|s| s.get(field)).cloned() };
+        let stored = if reset {
+            None
+        } else {
+            self.stored.and_then(|s| s.get(field)).cloned()
+        };
         match self.delta.and_then(|d| d.fields.get(field)) {
             Some(FieldDelta::Set(v)) => Some(v.clone()),
             Some(FieldDelta::Incr(n)) => {
@@ -298,14 +322,18 @@ impl Ctx<'_> {
         let v = self.source(s)?;
         let json = v.to_string();
         if json.len() > MAX_KEY_BYTES {
-            return Err(format!("value is {} bytes; at most {MAX_KEY_BYTES}", json.len()));
+            return Err(format!(
+                "value is {} bytes; at most {MAX_KEY_BYTES}",
+                json.len()
+            ));
         }
         Ok(json)
     }
 
     fn integer(&self, s: &Source) -> Result<i64, String> {
         let v = self.source(s)?;
-        v.as_i64().ok_or_else(|| format!("`{}` must be an integer, got {v}", describe(s)))
+        v.as_i64()
+            .ok_or_else(|| format!("`{}` must be an integer, got {v}", describe(s)))
     }
 
     fn number(&self, s: &Source) -> Result<f64, String> {
@@ -332,23 +360,34 @@ impl Ctx<'_> {
     fn change(&self, kind: &OpKind) -> Result<Change, String> {
         Ok(match kind {
             OpKind::Delete => Change::Delete,
-            OpKind::Set { field, value } => Change::Field(field.clone(), FieldDelta::Set(self.source(value)?)),
+            OpKind::Set { field, value } => {
+                Change::Field(field.clone(), FieldDelta::Set(self.source(value)?))
+            }
             OpKind::Incr { field, by, negate } => {
                 let n = self.integer(by)?;
-                Change::Field(field.clone(), FieldDelta::Incr(if *negate { n.saturating_neg() } else { n }))
+                Change::Field(
+                    field.clone(),
+                    FieldDelta::Incr(if *negate { n.saturating_neg() } else { n }),
+                )
             }
-            OpKind::Add { field, value } => {
-                Change::Field(field.clone(), FieldDelta::Members(BTreeMap::from([(self.member(value)?, true)])))
-            }
-            OpKind::Remove { field, value } => {
-                Change::Field(field.clone(), FieldDelta::Members(BTreeMap::from([(self.member(value)?, false)])))
-            }
-            OpKind::CountDistinct { field, value } => {
-                Change::Field(field.clone(), FieldDelta::Distinct(BTreeSet::from([self.member(value)?])))
-            }
+            OpKind::Add { field, value } => Change::Field(
+                field.clone(),
+                FieldDelta::Members(BTreeMap::from([(self.member(value)?, true)])),
+            ),
+            OpKind::Remove { field, value } => Change::Field(
+                field.clone(),
+                FieldDelta::Members(BTreeMap::from([(self.member(value)?, false)])),
+            ),
+            OpKind::CountDistinct { field, value } => Change::Field(
+                field.clone(),
+                FieldDelta::Distinct(BTreeSet::from([self.member(value)?])),
+            ),
             OpKind::Push { field, value, cap } => Change::Field(
                 field.clone(),
-                FieldDelta::Push { items: VecDeque::from([self.member(value)?]), cap: *cap },
+                FieldDelta::Push {
+                    items: VecDeque::from([self.member(value)?]),
+                    cap: *cap,
+                },
             ),
             OpKind::Rank { .. } => unreachable!("rankings are not document fields"),
         })
@@ -369,14 +408,18 @@ fn scalar(v: Option<Value>, path: &ValuePath) -> Result<String, String> {
         Some(Value::Number(n)) => Ok(n.to_string()),
         Some(Value::Bool(b)) => Ok(b.to_string()),
         None | Some(Value::Null) => Err(format!("`{path}` is missing")),
-        Some(other) => Err(format!("`{path}` must be a string or a number, got {other}")),
+        Some(other) => Err(format!(
+            "`{path}` must be a string or a number, got {other}"
+        )),
     }
 }
 
 fn render_key(v: Option<Value>, path: &ValuePath) -> Result<String, String> {
     let key = scalar(v, path).map_err(|e| format!("key: {e}"))?;
     if key.is_empty() || key.len() > MAX_KEY_BYTES {
-        return Err(format!("key from `{path}` must be 1 to {MAX_KEY_BYTES} bytes"));
+        return Err(format!(
+            "key from `{path}` must be 1 to {MAX_KEY_BYTES} bytes"
+        ));
     }
     Ok(key)
 }
@@ -454,8 +497,17 @@ mod tests {
 
     #[test]
     fn set_keeps_the_last_value_from_a_path_or_a_constant() {
-        let d = def("[[on.A]]\nop = \"set\"\nfield = \"name\"\nfrom = \"data.n\"\n[[on.B]]\nop = \"set\"\nfield = \"flag\"\nvalue = true\n");
-        let fx = run(&d, &[("A", json!({"k": "x", "n": "one"})), ("A", json!({"k": "x", "n": "two"})), ("B", json!({"k": "x"}))]);
+        let d = def(
+            "[[on.A]]\nop = \"set\"\nfield = \"name\"\nfrom = \"data.n\"\n[[on.B]]\nop = \"set\"\nfield = \"flag\"\nvalue = true\n",
+        );
+        let fx = run(
+            &d,
+            &[
+                ("A", json!({"k": "x", "n": "one"})),
+                ("A", json!({"k": "x", "n": "two"})),
+                ("B", json!({"k": "x"})),
+            ],
+        );
         assert_eq!(field(&fx, "x", "name"), &FieldDelta::Set(json!("two")));
         assert_eq!(field(&fx, "x", "flag"), &FieldDelta::Set(json!(true)));
         assert_eq!(fx.applied, 3);
@@ -463,7 +515,9 @@ mod tests {
 
     #[test]
     fn increments_combine_into_one_write_per_key() {
-        let d = def("[[on.A]]\nop = \"incr\"\nfield = \"n\"\n[[on.B]]\nop = \"decr\"\nfield = \"n\"\nby = 3\n[[on.C]]\nop = \"incr\"\nfield = \"n\"\nfrom = \"data.by\"\n");
+        let d = def(
+            "[[on.A]]\nop = \"incr\"\nfield = \"n\"\n[[on.B]]\nop = \"decr\"\nfield = \"n\"\nby = 3\n[[on.C]]\nop = \"incr\"\nfield = \"n\"\nfrom = \"data.by\"\n",
+        );
         let mut events = vec![("A", json!({"k": "hot"})); 10_000];
         events.push(("B", json!({"k": "hot"})));
         events.push(("C", json!({"k": "hot", "by": 5})));
@@ -476,17 +530,41 @@ mod tests {
 
     #[test]
     fn set_members_keep_the_last_add_or_remove() {
-        let d = def("[[on.A]]\nop = \"add\"\nfield = \"s\"\nfrom = \"data.m\"\n[[on.R]]\nop = \"remove\"\nfield = \"s\"\nfrom = \"data.m\"\n");
-        let fx = run(&d, &[("A", json!({"k": "x", "m": "a"})), ("A", json!({"k": "x", "m": "b"})), ("R", json!({"k": "x", "m": "a"})), ("R", json!({"k": "x", "m": "c"}))]);
-        let want = BTreeMap::from([("\"a\"".to_string(), false), ("\"b\"".to_string(), true), ("\"c\"".to_string(), false)]);
+        let d = def(
+            "[[on.A]]\nop = \"add\"\nfield = \"s\"\nfrom = \"data.m\"\n[[on.R]]\nop = \"remove\"\nfield = \"s\"\nfrom = \"data.m\"\n",
+        );
+        let fx = run(
+            &d,
+            &[
+                ("A", json!({"k": "x", "m": "a"})),
+                ("A", json!({"k": "x", "m": "b"})),
+                ("R", json!({"k": "x", "m": "a"})),
+                ("R", json!({"k": "x", "m": "c"})),
+            ],
+        );
+        let want = BTreeMap::from([
+            ("\"a\"".to_string(), false),
+            ("\"b\"".to_string(), true),
+            ("\"c\"".to_string(), false),
+        ]);
         assert_eq!(field(&fx, "x", "s"), &FieldDelta::Members(want));
     }
 
     #[test]
     fn count_distinct_gathers_each_value_once() {
         let d = def("[[on.V]]\nop = \"count_distinct\"\nfield = \"u\"\nfrom = \"data.user\"\n");
-        let fx = run(&d, &[("V", json!({"k": "x", "user": "a"})), ("V", json!({"k": "x", "user": "a"})), ("V", json!({"k": "x", "user": 7}))]);
-        assert_eq!(field(&fx, "x", "u"), &FieldDelta::Distinct(BTreeSet::from(["\"a\"".to_string(), "7".to_string()])));
+        let fx = run(
+            &d,
+            &[
+                ("V", json!({"k": "x", "user": "a"})),
+                ("V", json!({"k": "x", "user": "a"})),
+                ("V", json!({"k": "x", "user": 7})),
+            ],
+        );
+        assert_eq!(
+            field(&fx, "x", "u"),
+            &FieldDelta::Distinct(BTreeSet::from(["\"a\"".to_string(), "7".to_string()]))
+        );
     }
 
     #[test]
@@ -500,9 +578,14 @@ mod tests {
 
     #[test]
     fn rank_sums_per_member_and_names_the_ranking_from_the_read_model() {
-        let d = def("[[on.Pub]]\nop = \"set\"\nfield = \"tribe\"\nfrom = \"data.t\"\n[[on.Like]]\nop = \"rank\"\nranking = \"top:{doc.tribe}\"\n[[on.Unlike]]\nop = \"unrank\"\nranking = \"top:{doc.tribe}\"\nmember = \"{data.k}!\"\nby = 2\n");
+        let d = def(
+            "[[on.Pub]]\nop = \"set\"\nfield = \"tribe\"\nfrom = \"data.t\"\n[[on.Like]]\nop = \"rank\"\nranking = \"top:{doc.tribe}\"\n[[on.Unlike]]\nop = \"unrank\"\nranking = \"top:{doc.tribe}\"\nmember = \"{data.k}!\"\nby = 2\n",
+        );
         // "p1" was published in an earlier batch (stored), "p2" in this one.
-        let stored = DocReads::from([("p1".to_string(), BTreeMap::from([("tribe".to_string(), json!("t1"))]))]);
+        let stored = DocReads::from([(
+            "p1".to_string(),
+            BTreeMap::from([("tribe".to_string(), json!("t1"))]),
+        )]);
         let inputs = vec![
             ev(0, "Like", json!({"k": "p1"})),
             ev(1, "Pub", json!({"k": "p2", "t": "t2"})),
@@ -511,23 +594,47 @@ mod tests {
             ev(4, "Unlike", json!({"k": "p1"})),
         ];
         let fx = fold(&d, &inputs, &stored);
-        assert_eq!(fx.rankings["top:t1"], BTreeMap::from([("p1".to_string(), 2.0), ("p1!".to_string(), -2.0)]));
-        assert_eq!(fx.rankings["top:t2"], BTreeMap::from([("p2".to_string(), 1.0)]));
+        assert_eq!(
+            fx.rankings["top:t1"],
+            BTreeMap::from([("p1".to_string(), 2.0), ("p1!".to_string(), -2.0)])
+        );
+        assert_eq!(
+            fx.rankings["top:t2"],
+            BTreeMap::from([("p2".to_string(), 1.0)])
+        );
     }
 
     #[test]
     fn delete_drops_what_came_before_and_marks_a_reset() {
         let d = def("[[on.A]]\nop = \"incr\"\nfield = \"n\"\n[[on.D]]\nop = \"delete\"\n");
-        let fx = run(&d, &[("A", json!({"k": "x"})), ("A", json!({"k": "x"})), ("D", json!({"k": "x"})), ("A", json!({"k": "x"}))]);
+        let fx = run(
+            &d,
+            &[
+                ("A", json!({"k": "x"})),
+                ("A", json!({"k": "x"})),
+                ("D", json!({"k": "x"})),
+                ("A", json!({"k": "x"})),
+            ],
+        );
         assert!(fx.docs["x"].reset);
         assert_eq!(field(&fx, "x", "n"), &FieldDelta::Incr(1));
     }
 
     #[test]
     fn doc_reads_see_earlier_changes_of_the_same_batch_and_respect_deletes() {
-        let d = def("[[on.A]]\nop = \"incr\"\nfield = \"n\"\n[[on.S]]\nop = \"set\"\nfield = \"copy\"\nfrom = \"doc.n\"\n[[on.D]]\nop = \"delete\"\n");
-        let stored = DocReads::from([("x".to_string(), BTreeMap::from([("n".to_string(), json!(10))]))]);
-        let inputs = vec![ev(0, "A", json!({"k": "x"})), ev(1, "S", json!({"k": "x"})), ev(2, "D", json!({"k": "x"})), ev(3, "S", json!({"k": "x"}))];
+        let d = def(
+            "[[on.A]]\nop = \"incr\"\nfield = \"n\"\n[[on.S]]\nop = \"set\"\nfield = \"copy\"\nfrom = \"doc.n\"\n[[on.D]]\nop = \"delete\"\n",
+        );
+        let stored = DocReads::from([(
+            "x".to_string(),
+            BTreeMap::from([("n".to_string(), json!(10))]),
+        )]);
+        let inputs = vec![
+            ev(0, "A", json!({"k": "x"})),
+            ev(1, "S", json!({"k": "x"})),
+            ev(2, "D", json!({"k": "x"})),
+            ev(3, "S", json!({"k": "x"})),
+        ];
         let fx = fold(&d, &inputs, &stored);
         // After the delete, the counter reads 0, not the stored 10.
         assert_eq!(field(&fx, "x", "copy"), &FieldDelta::Set(json!(0)));
@@ -537,12 +644,33 @@ mod tests {
 
     #[test]
     fn a_failing_event_becomes_a_dead_letter_and_leaves_no_partial_effect() {
-        let d = def("[[on.A]]\nop = \"incr\"\nfield = \"n\"\n[[on.A]]\nop = \"incr\"\nfield = \"m\"\nfrom = \"data.by\"\n");
-        let fx = run(&d, &[("A", json!({"k": "x", "by": 1})), ("A", json!({"k": "x", "by": "lots"})), ("A", json!({"k": "y"})), ("A", json!({"by": 1}))]);
-        assert_eq!(field(&fx, "x", "n"), &FieldDelta::Incr(1), "the bad event's first op was undone");
+        let d = def(
+            "[[on.A]]\nop = \"incr\"\nfield = \"n\"\n[[on.A]]\nop = \"incr\"\nfield = \"m\"\nfrom = \"data.by\"\n",
+        );
+        let fx = run(
+            &d,
+            &[
+                ("A", json!({"k": "x", "by": 1})),
+                ("A", json!({"k": "x", "by": "lots"})),
+                ("A", json!({"k": "y"})),
+                ("A", json!({"by": 1})),
+            ],
+        );
+        assert_eq!(
+            field(&fx, "x", "n"),
+            &FieldDelta::Incr(1),
+            "the bad event's first op was undone"
+        );
         assert_eq!(field(&fx, "x", "m"), &FieldDelta::Incr(1));
-        assert!(!fx.docs.contains_key("y"), "an event whose second op fails leaves nothing");
-        let reasons: Vec<(u64, &str)> = fx.dead_letters.iter().map(|d| (d.offset, d.reason.as_str())).collect();
+        assert!(
+            !fx.docs.contains_key("y"),
+            "an event whose second op fails leaves nothing"
+        );
+        let reasons: Vec<(u64, &str)> = fx
+            .dead_letters
+            .iter()
+            .map(|d| (d.offset, d.reason.as_str()))
+            .collect();
         assert_eq!(reasons.len(), 3, "{reasons:?}");
         assert!(reasons[0].1.contains("must be an integer"), "{reasons:?}");
         assert!(reasons[1].1.contains("`data.by` is missing"), "{reasons:?}");
@@ -554,28 +682,55 @@ mod tests {
     #[test]
     fn halt_stops_the_fold_at_the_bad_event() {
         let d = parse(Path::new("t.toml"), "name = \"t\"\nversion = 1\nstore = \"redis\"\nkey = \"data.k\"\non_error = \"halt\"\n[[on.A]]\nop = \"incr\"\nfield = \"n\"\n").unwrap();
-        let fx = run(&d, &[("A", json!({"k": "x"})), ("A", json!({})), ("A", json!({"k": "x"}))]);
+        let fx = run(
+            &d,
+            &[
+                ("A", json!({"k": "x"})),
+                ("A", json!({})),
+                ("A", json!({"k": "x"})),
+            ],
+        );
         assert_eq!(fx.halted_at, Some(1));
-        assert_eq!(field(&fx, "x", "n"), &FieldDelta::Incr(1), "nothing after the halt");
+        assert_eq!(
+            field(&fx, "x", "n"),
+            &FieldDelta::Incr(1),
+            "nothing after the halt"
+        );
     }
 
     #[test]
     fn undecodable_records_are_dead_letters_and_other_types_are_skipped() {
         let d = def("[[on.A]]\nop = \"incr\"\nfield = \"n\"\n");
         let inputs = vec![
-            Input { partition: 1, offset: 7, event: Err("not an event envelope".into()) },
+            Input {
+                partition: 1,
+                offset: 7,
+                event: Err("not an event envelope".into()),
+            },
             ev(8, "Other", json!({"k": "x"})),
         ];
         let fx = fold(&d, &inputs, &DocReads::new());
         assert_eq!(fx.dead_letters.len(), 1);
-        assert_eq!((fx.dead_letters[0].partition, fx.dead_letters[0].offset), (1, 7));
+        assert_eq!(
+            (fx.dead_letters[0].partition, fx.dead_letters[0].offset),
+            (1, 7)
+        );
         assert!(fx.docs.is_empty());
     }
 
     #[test]
     fn keys_to_read_lists_the_keys_of_events_with_doc_reads() {
-        let d = def("[[on.Pub]]\nop = \"set\"\nfield = \"t\"\nfrom = \"data.t\"\n[[on.Like]]\nop = \"rank\"\nranking = \"r:{doc.t}\"\n");
-        let inputs = vec![ev(0, "Like", json!({"k": "a"})), ev(1, "Nope", json!({"k": "b"})), ev(2, "Pub", json!({"k": "c", "t": 1}))];
-        assert_eq!(keys_to_read(&d, &inputs), BTreeSet::from(["a".to_string(), "c".to_string()]));
+        let d = def(
+            "[[on.Pub]]\nop = \"set\"\nfield = \"t\"\nfrom = \"data.t\"\n[[on.Like]]\nop = \"rank\"\nranking = \"r:{doc.t}\"\n",
+        );
+        let inputs = vec![
+            ev(0, "Like", json!({"k": "a"})),
+            ev(1, "Nope", json!({"k": "b"})),
+            ev(2, "Pub", json!({"k": "c", "t": 1})),
+        ];
+        assert_eq!(
+            keys_to_read(&d, &inputs),
+            BTreeSet::from(["a".to_string(), "c".to_string()])
+        );
     }
 }

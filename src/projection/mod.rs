@@ -2,6 +2,6 @@
 //! stores ([`store`]) and the engine that runs them ([`engine`]).
 
 pub mod def;
+pub mod engine;
 pub mod fold;
 pub mod store;
-pub mod engine;

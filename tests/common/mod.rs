@@ -2,6 +2,8 @@
 //! for the in-process router, and a spawned `refold` process.
 #![allow(dead_code)]
 
+pub mod oracle;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};

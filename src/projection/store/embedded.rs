@@ -81,7 +81,11 @@ fn after(s: &str) -> String {
 /// f64 → u64 with the same order (for the score index).
 fn ordered(score: f64) -> u64 {
     let bits = score.to_bits();
-    if bits >> 63 == 1 { !bits } else { bits | (1 << 63) }
+    if bits >> 63 == 1 {
+        !bits
+    } else {
+        bits | (1 << 63)
+    }
 }
 
 impl EmbeddedKv {
@@ -225,7 +229,9 @@ fn apply_effects(txn: &WriteTransaction, gid: &str, fx: &Effects) -> Result<(), 
     let mut idx = txn.open_table(RANK_IDX)?;
     for (name, members) in &fx.rankings {
         for (member, by) in members {
-            let old = rank.get((gid, name.as_str(), member.as_str()))?.map(|v| v.value());
+            let old = rank
+                .get((gid, name.as_str(), member.as_str()))?
+                .map(|v| v.value());
             if let Some(old) = old {
                 idx.remove((gid, name.as_str(), ordered(old), member.as_str()))?;
             }
@@ -293,7 +299,11 @@ impl KvStore for EmbeddedKv {
         .await
     }
 
-    async fn session(&self, generation: &GenRef, partition: u32) -> StoreResult<Box<dyn KvSession>> {
+    async fn session(
+        &self,
+        generation: &GenRef,
+        partition: u32,
+    ) -> StoreResult<Box<dyn KvSession>> {
         Ok(Box::new(Session {
             db: self.db.clone(),
             gid: gen_id(generation),
@@ -301,7 +311,11 @@ impl KvStore for EmbeddedKv {
         }))
     }
 
-    async fn checkpoints(&self, generation: &GenRef, partitions: u32) -> StoreResult<Vec<Option<u64>>> {
+    async fn checkpoints(
+        &self,
+        generation: &GenRef,
+        partitions: u32,
+    ) -> StoreResult<Vec<Option<u64>>> {
         let gid = gen_id(generation);
         self.blocking(move |db| {
             let txn = db.begin_read()?;
@@ -313,19 +327,30 @@ impl KvStore for EmbeddedKv {
         .await
     }
 
-    async fn view(&self, generation: &GenRef, schema: &Schema, key: &str) -> StoreResult<Option<Map<String, Value>>> {
+    async fn view(
+        &self,
+        generation: &GenRef,
+        schema: &Schema,
+        key: &str,
+    ) -> StoreResult<Option<Map<String, Value>>> {
         let (gid, key) = (gen_id(generation), key.to_owned());
         let doc = self
             .blocking(move |db| {
                 let txn = db.begin_read()?;
                 let t = txn.open_table(DOCS)?;
-                Ok(t.get((gid.as_str(), key.as_str()))?.map(|v| read_doc(v.value())))
+                Ok(t.get((gid.as_str(), key.as_str()))?
+                    .map(|v| read_doc(v.value())))
             })
             .await?;
         Ok(doc.map(|d| render(schema, d)))
     }
 
-    async fn ranking(&self, generation: &GenRef, name: &str, limit: usize) -> StoreResult<Vec<(String, f64)>> {
+    async fn ranking(
+        &self,
+        generation: &GenRef,
+        name: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<(String, f64)>> {
         let (gid, name) = (gen_id(generation), name.to_owned());
         self.blocking(move |db| {
             let txn = db.begin_read()?;
@@ -349,15 +374,27 @@ impl KvStore for EmbeddedKv {
         .await
     }
 
-    async fn dead_letters(&self, generation: &GenRef, limit: usize) -> StoreResult<(u64, Vec<DeadLetter>)> {
+    async fn dead_letters(
+        &self,
+        generation: &GenRef,
+        limit: usize,
+    ) -> StoreResult<(u64, Vec<DeadLetter>)> {
         let gid = gen_id(generation);
         self.blocking(move |db| {
             let txn = db.begin_read()?;
-            let count = txn.open_table(DEAD_COUNT)?.get(gid.as_str())?.map(|v| v.value()).unwrap_or(0);
+            let count = txn
+                .open_table(DEAD_COUNT)?
+                .get(gid.as_str())?
+                .map(|v| v.value())
+                .unwrap_or(0);
             let dead = txn.open_table(DEAD)?;
             let hi = after(&gid);
             let mut out = Vec::new();
-            for entry in dead.range((gid.as_str(), 0)..(hi.as_str(), 0))?.rev().take(limit) {
+            for entry in dead
+                .range((gid.as_str(), 0)..(hi.as_str(), 0))?
+                .rev()
+                .take(limit)
+            {
                 let (_, v) = entry?;
                 if let Ok(dl) = serde_json::from_str(v.value()) {
                     out.push(dl);
@@ -399,19 +436,29 @@ impl KvSession for Session {
         let (gid, p) = (self.gid.clone(), self.partition);
         blocking(self.db.clone(), move |db| {
             let txn = db.begin_read()?;
-            Ok(txn.open_table(CKPT)?.get((gid.as_str(), p))?.map(|v| v.value()))
+            Ok(txn
+                .open_table(CKPT)?
+                .get((gid.as_str(), p))?
+                .map(|v| v.value()))
         })
         .await
     }
 
-    async fn read_fields(&mut self, keys: &BTreeSet<String>, fields: &[String]) -> StoreResult<DocReads> {
+    async fn read_fields(
+        &mut self,
+        keys: &BTreeSet<String>,
+        fields: &[String],
+    ) -> StoreResult<DocReads> {
         let (gid, keys, fields) = (self.gid.clone(), keys.clone(), fields.to_vec());
         blocking(self.db.clone(), move |db| {
             let txn = db.begin_read()?;
             let t = txn.open_table(DOCS)?;
             let mut out = DocReads::new();
             for key in keys {
-                let Some(doc) = t.get((gid.as_str(), key.as_str()))?.map(|v| read_doc(v.value())) else {
+                let Some(doc) = t
+                    .get((gid.as_str(), key.as_str()))?
+                    .map(|v| read_doc(v.value()))
+                else {
                     continue;
                 };
                 let mut got = BTreeMap::new();
@@ -433,11 +480,20 @@ impl KvSession for Session {
         .await
     }
 
-    async fn commit(&mut self, expected: Option<u64>, next: u64, effects: &Effects, _schema: &Schema) -> StoreResult<Commit> {
+    async fn commit(
+        &mut self,
+        expected: Option<u64>,
+        next: u64,
+        effects: &Effects,
+        _schema: &Schema,
+    ) -> StoreResult<Commit> {
         let (gid, p, fx) = (self.gid.clone(), self.partition, effects.clone());
         blocking(self.db.clone(), move |db| {
             let txn = db.begin_write()?;
-            let found = txn.open_table(CKPT)?.get((gid.as_str(), p))?.map(|v| v.value());
+            let found = txn
+                .open_table(CKPT)?
+                .get((gid.as_str(), p))?
+                .map(|v| v.value());
             if found != expected {
                 txn.abort()?;
                 return Ok(Commit::Fenced { found });

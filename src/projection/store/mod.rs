@@ -68,7 +68,9 @@ pub struct Meta {
 pub enum Commit {
     Applied,
     /// The checkpoint was not what the worker expected: nothing was applied.
-    Fenced { found: Option<u64> },
+    Fenced {
+        found: Option<u64>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,21 +96,40 @@ pub trait KvStore: Send + Sync + 'static {
 
     /// A session for the worker of one partition (Redis: its own connection,
     /// since WATCH state belongs to a connection).
-    async fn session(&self, generation: &GenRef, partition: u32) -> StoreResult<Box<dyn KvSession>>;
+    async fn session(&self, generation: &GenRef, partition: u32)
+    -> StoreResult<Box<dyn KvSession>>;
 
     /// Every partition's checkpoint (`None`: never written), for status.
-    async fn checkpoints(&self, generation: &GenRef, partitions: u32) -> StoreResult<Vec<Option<u64>>>;
+    async fn checkpoints(
+        &self,
+        generation: &GenRef,
+        partitions: u32,
+    ) -> StoreResult<Vec<Option<u64>>>;
 
     /// The read model of `key`, rendered with `schema`; `None` when nothing was
     /// ever written for it (or it was deleted). Read in one atomic step.
-    async fn view(&self, generation: &GenRef, schema: &Schema, key: &str) -> StoreResult<Option<Map<String, Value>>>;
+    async fn view(
+        &self,
+        generation: &GenRef,
+        schema: &Schema,
+        key: &str,
+    ) -> StoreResult<Option<Map<String, Value>>>;
 
     /// The top `limit` members of a ranking, highest score first (ties: member
     /// descending, as Redis's ZREVRANGE).
-    async fn ranking(&self, generation: &GenRef, name: &str, limit: usize) -> StoreResult<Vec<(String, f64)>>;
+    async fn ranking(
+        &self,
+        generation: &GenRef,
+        name: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<(String, f64)>>;
 
     /// How many dead letters the generation has, and the newest few (newest first).
-    async fn dead_letters(&self, generation: &GenRef, limit: usize) -> StoreResult<(u64, Vec<DeadLetter>)>;
+    async fn dead_letters(
+        &self,
+        generation: &GenRef,
+        limit: usize,
+    ) -> StoreResult<(u64, Vec<DeadLetter>)>;
 
     /// Removes everything of a generation.
     async fn drop_generation(&self, generation: &GenRef) -> StoreResult<()>;
@@ -120,11 +141,21 @@ pub trait KvSession: Send {
     async fn checkpoint(&mut self) -> StoreResult<Option<u64>>;
 
     /// The stored values of `fields` (set or counter fields) of `keys`.
-    async fn read_fields(&mut self, keys: &BTreeSet<String>, fields: &[String]) -> StoreResult<DocReads>;
+    async fn read_fields(
+        &mut self,
+        keys: &BTreeSet<String>,
+        fields: &[String],
+    ) -> StoreResult<DocReads>;
 
     /// Applies `effects` and sets the checkpoint to `next`, atomically, if the
     /// checkpoint is still `expected`; otherwise applies nothing.
-    async fn commit(&mut self, expected: Option<u64>, next: u64, effects: &Effects, schema: &Schema) -> StoreResult<Commit>;
+    async fn commit(
+        &mut self,
+        expected: Option<u64>,
+        next: u64,
+        effects: &Effects,
+        schema: &Schema,
+    ) -> StoreResult<Commit>;
 }
 
 /// Fills in what an existing key shows for fields never written: counters and

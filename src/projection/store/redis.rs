@@ -598,19 +598,38 @@ impl Link {
         Err(store_err(e))
     }
 
+    // Everything sent through a `Link` is safe to repeat (reads, SET of the meta
+    // record, UNLINK), so a connection found dead (Redis restarted since its last
+    // use) is replaced and the command sent once more, instead of failing the
+    // query that happened to notice.
+
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> StoreResult<T> {
-        let mut con = self.conn().await?;
-        match cmd.query_async(&mut con).await {
-            Ok(v) => Ok(v),
-            Err(e) => self.failed(e).await,
+        let mut retried = false;
+        loop {
+            let mut con = self.conn().await?;
+            match cmd.query_async(&mut con).await {
+                Ok(v) => return Ok(v),
+                Err(e) if !retried && stale(&e) => {
+                    self.reset().await;
+                    retried = true;
+                }
+                Err(e) => return self.failed(e).await,
+            }
         }
     }
 
     async fn query_pipe<T: FromRedisValue>(&self, p: &Pipeline) -> StoreResult<T> {
-        let mut con = self.conn().await?;
-        match p.query_async(&mut con).await {
-            Ok(v) => Ok(v),
-            Err(e) => self.failed(e).await,
+        let mut retried = false;
+        loop {
+            let mut con = self.conn().await?;
+            match p.query_async(&mut con).await {
+                Ok(v) => return Ok(v),
+                Err(e) if !retried && stale(&e) => {
+                    self.reset().await;
+                    retried = true;
+                }
+                Err(e) => return self.failed(e).await,
+            }
         }
     }
 }
@@ -618,6 +637,11 @@ impl Link {
 fn parse<T: FromRedisValue>(v: redis::Value) -> StoreResult<T> {
     redis::from_redis_value(v)
         .map_err(|e| StoreError::Other(format!("redis: unexpected reply: {e}")))
+}
+
+/// A connection that died while idle (not a slow server: timeouts are not retried).
+fn stale(e: &RedisError) -> bool {
+    e.is_connection_dropped() || e.is_io_error()
 }
 
 /// Connection losses, timeouts and a server that cannot serve right now.

@@ -1,0 +1,781 @@
+//! Projections end to end: read models against an independent fold of the same
+//! events (`common::oracle`), on the embedded stores and on Kafka with Redis;
+//! crashes, a Redis that loses its data, replays under load, read-your-writes,
+//! dead letters, and the CLI.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use axum::Router;
+use common::oracle::{Oracle, check_feed};
+use common::{Proc, unique};
+use refold::config::{Config, LogBackend, Settings};
+use refold::demo::{DemoConfig, DemoEvent, Generator};
+use refold::position::Position;
+use refold::projection::engine::{self, Engine, EngineConfig};
+use refold::server::{Refold, open_kv, open_log};
+use serde_json::{Value, json};
+
+const PARTITIONS: u32 = 3;
+
+/// The service under test: in process (router) or a spawned binary (socket).
+#[derive(Clone)]
+enum Api {
+    Local(Router),
+    Remote(reqwest::Client, String),
+}
+
+impl Api {
+    async fn send(
+        &self,
+        method: &str,
+        uri: &str,
+        content_type: &str,
+        body: String,
+    ) -> (u16, Value) {
+        match self {
+            Api::Local(app) => {
+                let r = common::call(app, method, uri, content_type, body).await;
+                (r.status.as_u16(), r.body)
+            }
+            Api::Remote(client, base) => {
+                let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+                let r = client
+                    .request(m, format!("{base}{uri}"))
+                    .header("content-type", content_type)
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let text = r.text().await.unwrap();
+                (
+                    status,
+                    serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                )
+            }
+        }
+    }
+
+    async fn get(&self, uri: &str) -> (u16, Value) {
+        self.send("GET", uri, "application/json", String::new())
+            .await
+    }
+}
+
+fn demo_events(seed: u64, n: usize) -> Vec<DemoEvent> {
+    Generator::new(DemoConfig {
+        seed,
+        users: 60,
+        tribes: 6,
+        hot_share: 0.3,
+    })
+    .take(n)
+}
+
+fn fold_oracle(oracle: &mut Oracle, events: &[DemoEvent]) {
+    for e in events {
+        let p = refold::log::partition_for(&e.stream, PARTITIONS);
+        oracle.apply(p, &e.stream, &e.event_type, &e.data);
+    }
+}
+
+/// Posts `events` in NDJSON bulks; every one must be appended. Returns the merged
+/// position token.
+async fn ingest(api: &Api, events: &[DemoEvent]) -> Position {
+    let mut pos = Position::default();
+    for chunk in events.chunks(500) {
+        let body: String = chunk.iter().map(|e| format!("{}\n", e.to_json())).collect();
+        let (status, b) = api
+            .send("POST", "/events", "application/x-ndjson", body)
+            .await;
+        assert_eq!(status, 200, "{b}");
+        assert_eq!(b["errors"], false, "{b}");
+        pos.merge(&b["position"].as_str().unwrap().parse().unwrap());
+    }
+    pos
+}
+
+/// Every read model of the demo equals the oracle once `after` is applied.
+/// `approx`: unique_viewers comes from a HyperLogLog (Redis).
+async fn check_models(
+    api: &Api,
+    oracle: &Oracle,
+    after: &Position,
+    approx: bool,
+) -> Result<(), String> {
+    let q = if after.is_empty() {
+        "wait_ms=60000".to_owned()
+    } else {
+        format!("after={after}&wait_ms=60000")
+    };
+    for post in oracle.post_ids() {
+        let want = oracle.post_stats(&post).unwrap();
+        let (status, got) = api.get(&format!("/views/post_stats/{post}?{q}")).await;
+        if status != 200 {
+            return Err(format!("post_stats {post}: {status} {got}"));
+        }
+        for f in ["likes", "views", "comments"] {
+            if got[f] != want[f] {
+                return Err(format!("post_stats {post}.{f}: got {got}, want {want}"));
+            }
+        }
+        let tribe = got.get("tribe_id").cloned().unwrap_or(Value::Null);
+        if tribe != want["tribe_id"] {
+            return Err(format!(
+                "post_stats {post}.tribe_id: got {got}, want {want}"
+            ));
+        }
+        let (g, w) = (
+            got["unique_viewers"].as_f64().unwrap(),
+            want["unique_viewers"].as_f64().unwrap(),
+        );
+        let tolerance = if approx { (w * 0.02).max(1.0) } else { 0.0 };
+        if (g - w).abs() > tolerance {
+            return Err(format!(
+                "post_stats {post}.unique_viewers: got {g}, want {w}"
+            ));
+        }
+    }
+    for tribe in oracle.tribe_ids() {
+        let (status, got) = api
+            .get(&format!(
+                "/views/post_stats/rankings/top_posts:{tribe}?limit=1000&{q}"
+            ))
+            .await;
+        if status != 200 {
+            return Err(format!("ranking {tribe}: {status} {got}"));
+        }
+        let mut got: Vec<(String, f64)> = got["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["member"].as_str().unwrap().to_owned(),
+                    m["score"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        let want = oracle.top_posts(&tribe);
+        let scores: Vec<f64> = got.iter().map(|m| m.1).collect();
+        if scores.windows(2).any(|w| w[0] < w[1]) {
+            return Err(format!("ranking {tribe} is not highest first: {got:?}"));
+        }
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut want_sorted = want.clone();
+        want_sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        if got != want_sorted {
+            return Err(format!(
+                "ranking {tribe}: got {got:?}, want {want_sorted:?}"
+            ));
+        }
+        let (status, feed) = api.get(&format!("/views/tribe_feed/{tribe}?{q}")).await;
+        match (status, oracle.tribe_posts(&tribe).is_empty()) {
+            (404, true) => {}
+            (200, false) => {
+                let feed: Vec<String> = serde_json::from_value(feed["posts"].clone()).unwrap();
+                check_feed(oracle, &tribe, &feed)?;
+            }
+            _ => return Err(format!("tribe_feed {tribe}: {status} {feed}")),
+        }
+    }
+    Ok(())
+}
+
+fn config(settings: Settings) -> Config {
+    Config::from_settings(Settings {
+        migrations: Some(common::migrations_dir()),
+        ..settings
+    })
+    .unwrap()
+}
+
+fn embedded(dir: &Path, batch: usize) -> Config {
+    config(Settings {
+        data_dir: Some(dir.to_owned()),
+        projection_batch: Some(batch),
+        ..Default::default()
+    })
+}
+
+fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL")
+        .expect("TEST_REDIS_URL is not set: run the suite with scripts/test.sh, which starts redis")
+}
+
+fn kafka_redis(dir: &Path, redis: &str) -> Config {
+    config(Settings {
+        data_dir: Some(dir.to_owned()),
+        log: Some(LogBackend::Kafka),
+        kafka_brokers: Some(common::kafka_brokers()),
+        topic_prefix: Some(format!("{}.", unique("proj"))),
+        auto_migrate: Some(true),
+        redis_url: Some(redis.to_owned()),
+        ..Default::default()
+    })
+}
+
+async fn start(config: &Config) -> (Refold, Api) {
+    let r = Refold::start(config, open_log(config).unwrap())
+        .await
+        .unwrap();
+    let api = Api::Local(refold::http::app(r.state.clone()));
+    (r, api)
+}
+
+async fn status(api: &Api, name: &str) -> Value {
+    let (s, b) = api.get(&format!("/projections/{name}")).await;
+    assert_eq!(s, 200, "{b}");
+    b
+}
+
+#[tokio::test]
+async fn embedded_read_models_equal_an_independent_fold() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, api) = start(&embedded(dir.path(), 1000)).await;
+    let events = demo_events(1, 3000);
+    let mut oracle = Oracle::new();
+    fold_oracle(&mut oracle, &events);
+    assert_eq!(oracle.unranked(), 0);
+    let pos = ingest(&api, &events).await;
+    check_models(&api, &oracle, &pos, false).await.unwrap();
+    let s = status(&api, "post_stats").await;
+    assert_eq!(s["lag"], 0, "{s}");
+    assert_eq!(s["events"], 3000, "{s}");
+    assert_eq!(s["dead_letters"]["count"], 0, "{s}");
+    assert_eq!(
+        (s["state"].as_str(), s["generation"].as_u64()),
+        (Some("running"), Some(1))
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn kafka_redis_read_models_equal_the_oracle_with_a_competing_engine() {
+    // A second engine projects the same projections into the same Redis at the same
+    // time, as a second refold process would: checkpoint fencing must keep every
+    // batch applied once.
+    let dir = tempfile::tempdir().unwrap();
+    let config = kafka_redis(dir.path(), &redis_url());
+    let (r, api) = start(&config).await;
+    let rival = Engine::start(
+        r.log.clone(),
+        Some(open_kv(&config).await.unwrap()),
+        engine::load_dir(&config.projections).unwrap(),
+        EngineConfig {
+            topic: config.topic("events"),
+            partitions: PARTITIONS,
+            batch: 50,
+        },
+    )
+    .await
+    .unwrap();
+    let events = demo_events(2, 2000);
+    let mut oracle = Oracle::new();
+    fold_oracle(&mut oracle, &events);
+    let pos = ingest(&api, &events).await;
+    check_models(&api, &oracle, &pos, true).await.unwrap();
+    // The rival has applied what it could; once both are idle the models still hold.
+    rival.stop().await;
+    check_models(&api, &oracle, &pos, true).await.unwrap();
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_query_with_an_append_token_sees_that_append() {
+    // I10. Small batches keep the projection behind a burst of events.
+    let dir = tempfile::tempdir().unwrap();
+    let (r, api) = start(&embedded(dir.path(), 5)).await;
+    let events = demo_events(3, 2000);
+    let mut oracle = Oracle::new();
+    fold_oracle(&mut oracle, &events);
+    ingest(&api, &events).await;
+    let body = json!({"type": "PostLiked", "data": {"post_id": "p1", "user_id": "ryw"}});
+    let (st, b) = api
+        .send(
+            "POST",
+            "/streams/post-p1/events",
+            "application/json",
+            body.to_string(),
+        )
+        .await;
+    assert_eq!(st, 201, "{b}");
+    let token = b["position"].as_str().unwrap();
+    let lag = status(&api, "post_stats").await["lag"].as_u64().unwrap();
+    assert!(
+        lag > 0,
+        "the projection must still be behind, or this proves nothing"
+    );
+    let (st, got) = api
+        .get(&format!("/views/post_stats/p1?after={token}"))
+        .await;
+    assert_eq!(st, 200, "{got}");
+    let want = oracle.post_stats("p1").unwrap()["likes"].as_i64().unwrap() + 1;
+    assert_eq!(
+        got["likes"], want,
+        "the view must include the like just appended"
+    );
+
+    // A position not reached in time: a clear 503 that says so.
+    let (st, b) = api
+        .get("/views/post_stats/p1?after=0:99999999&wait_ms=50")
+        .await;
+    assert_eq!(st, 503, "{b}");
+    assert_eq!(b["error"]["code"], "not_caught_up");
+    for bad in ["after=zz", "after=9:1", "wait_ms=-1", "colour=red"] {
+        let (st, b) = api.get(&format!("/views/post_stats/p1?{bad}")).await;
+        assert_eq!(st, 422, "{bad}: {b}");
+    }
+    let (st, _) = api.get("/views/nope/p1").await;
+    assert_eq!(st, 404);
+    let (st, b) = api.get("/views/post_stats/never-seen").await;
+    assert_eq!((st, &b["error"]["code"]), (404, &json!("not_found")));
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn replay_under_load_serves_only_complete_generations() {
+    // I7: while generation 2 is built, queries read generation 1, complete; the
+    // switch is atomic; new events arriving during the replay are not lost.
+    let dir = tempfile::tempdir().unwrap();
+    let (r, api) = start(&embedded(dir.path(), 100)).await;
+    let events = demo_events(4, 6000);
+    let mut oracle = Oracle::new();
+    fold_oracle(&mut oracle, &events);
+    let pos = ingest(&api, &events).await;
+    check_models(&api, &oracle, &pos, false).await.unwrap();
+    let watched: Vec<(String, Value)> = oracle
+        .post_ids()
+        .into_iter()
+        .take(20)
+        .map(|p| {
+            let v = oracle.post_stats(&p).unwrap();
+            (p, v)
+        })
+        .collect();
+    let watched = Arc::new(watched);
+    let done = Arc::new(AtomicBool::new(false));
+    let queries = Arc::new(AtomicUsize::new(0));
+    let mut readers = Vec::new();
+    for i in 0..4 {
+        let (api, watched, done, queries) =
+            (api.clone(), watched.clone(), done.clone(), queries.clone());
+        readers.push(tokio::spawn(async move {
+            let mut n = i;
+            while !done.load(Ordering::SeqCst) {
+                let (post, want) = &watched[n % watched.len()];
+                n += 1;
+                let (st, got) = api.get(&format!("/views/post_stats/{post}")).await;
+                assert_eq!(st, 200, "a query failed during the replay: {got}");
+                for f in ["likes", "views", "comments", "unique_viewers"] {
+                    assert_eq!(got[f], want[f], "{post}: half-built model served: {got}");
+                }
+                queries.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    // New posts in a new tribe arrive during the replay (the watched posts keep
+    // their values).
+    let fresh: Vec<DemoEvent> = (0..300)
+        .map(|i| DemoEvent {
+            stream: format!("post-fresh{i}"),
+            event_type: "PostPublished".into(),
+            data: json!({"post_id": format!("fresh{i}"), "tribe_id": "tfresh", "author_id": "u1",
+                         "title": "fresh", "body": "new"}),
+        })
+        .collect();
+    fold_oracle(&mut oracle, &fresh);
+    let (st, b) = api
+        .send(
+            "POST",
+            "/projections/post_stats/replay",
+            "application/json",
+            String::new(),
+        )
+        .await;
+    assert_eq!(st, 202, "{b}");
+    assert_eq!(b["replay"]["generation"], 2);
+    let (st, b) = api
+        .send(
+            "POST",
+            "/projections/post_stats/replay",
+            "application/json",
+            String::new(),
+        )
+        .await;
+    assert_eq!(
+        (st, &b["error"]["code"]),
+        (409, &json!("replay_in_progress"))
+    );
+    let mut pos = pos;
+    for chunk in fresh.chunks(30) {
+        pos.merge(&ingest(&api, chunk).await);
+    }
+    let saw_replaying = Arc::new(AtomicBool::new(false));
+    common::eventually(120, "the replay to switch", || {
+        let (api, saw) = (api.clone(), saw_replaying.clone());
+        async move {
+            let s = status(&api, "post_stats").await;
+            if s["state"] == "replaying" {
+                saw.store(true, Ordering::SeqCst);
+                let progress = s["replay"]["progress"].as_f64().unwrap();
+                assert!((0.0..=1.0).contains(&progress), "{s}");
+            }
+            (s["generation"] == 2 && s["replay"].is_null()).then_some(())
+        }
+    })
+    .await;
+    done.store(true, Ordering::SeqCst);
+    for t in readers {
+        t.await.unwrap();
+    }
+    assert!(
+        saw_replaying.load(Ordering::SeqCst),
+        "the status never showed the replay"
+    );
+    assert!(
+        queries.load(Ordering::SeqCst) > 20,
+        "too few queries ran during the replay"
+    );
+    check_models(&api, &oracle, &pos, false).await.unwrap();
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_replay_leaves_the_live_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, api) = start(&embedded(dir.path(), 2)).await;
+    let events = demo_events(5, 1500);
+    let mut oracle = Oracle::new();
+    fold_oracle(&mut oracle, &events);
+    let pos = ingest(&api, &events).await;
+    check_models(&api, &oracle, &pos, false).await.unwrap();
+    let (st, _) = api
+        .send(
+            "POST",
+            "/projections/post_stats/replay",
+            "application/json",
+            String::new(),
+        )
+        .await;
+    assert_eq!(st, 202);
+    let (st, b) = api
+        .send(
+            "DELETE",
+            "/projections/post_stats/replay",
+            "application/json",
+            String::new(),
+        )
+        .await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["cancelled_generation"], 2);
+    let s = status(&api, "post_stats").await;
+    assert_eq!(
+        (s["generation"].as_u64(), &s["replay"]),
+        (Some(1), &Value::Null),
+        "{s}"
+    );
+    let (st, _) = api
+        .send(
+            "DELETE",
+            "/projections/post_stats/replay",
+            "application/json",
+            String::new(),
+        )
+        .await;
+    assert_eq!(st, 404);
+    check_models(&api, &oracle, &pos, false).await.unwrap();
+    r.stop().await;
+}
+
+const SCORES: &str = r#"
+name = "scores"
+version = 1
+store = "redis"
+key = "data.k"
+
+[[on.Scored]]
+op = "incr"
+field = "points"
+from = "data.by"
+"#;
+
+#[tokio::test]
+async fn poison_events_become_dead_letters_and_the_projection_carries_on() {
+    // I8: an event the projection cannot apply is recorded with the reason; the
+    // projection goes on (dead_letter) or stops there (halt).
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("projections");
+    std::fs::create_dir_all(&defs).unwrap();
+    std::fs::write(defs.join("scores.toml"), SCORES).unwrap();
+    let halting = SCORES
+        .replace("\"scores\"", "\"strict\"")
+        .replace("key = \"data.k\"", "key = \"data.k\"\non_error = \"halt\"");
+    std::fs::write(defs.join("strict.toml"), halting).unwrap();
+    let config = config(Settings {
+        data_dir: Some(dir.path().join("data")),
+        projections: Some(defs),
+        ..Default::default()
+    });
+    let (r, api) = start(&config).await;
+    let mut pos = Position::default();
+    for by in [json!(1), json!("lots"), json!(2)] {
+        let body = json!({"type": "Scored", "data": {"k": "a", "by": by}});
+        let (st, b) = api
+            .send(
+                "POST",
+                "/streams/game-1/events",
+                "application/json",
+                body.to_string(),
+            )
+            .await;
+        assert_eq!(st, 201, "{b}");
+        pos.merge(&b["position"].as_str().unwrap().parse().unwrap());
+    }
+    let (st, v) = api.get(&format!("/views/scores/a?after={pos}")).await;
+    assert_eq!((st, &v["points"]), (200, &json!(3)), "{v}");
+    let s = status(&api, "scores").await;
+    assert_eq!(s["dead_letters"]["count"], 1, "{s}");
+    let dl = &s["dead_letters"]["recent"][0];
+    assert_eq!(
+        (&dl["stream"], &dl["version"]),
+        (&json!("game-1"), &json!(2)),
+        "{s}"
+    );
+    assert!(
+        dl["reason"]
+            .as_str()
+            .unwrap()
+            .contains("must be an integer"),
+        "{s}"
+    );
+    assert_eq!(s["state"], "running");
+
+    let strict = common::eventually(30, "the strict projection to halt", || {
+        let api = api.clone();
+        async move {
+            let s = status(&api, "strict").await;
+            (s["state"] == "failed").then_some(s)
+        }
+    })
+    .await;
+    assert!(
+        strict["error"]
+            .as_str()
+            .unwrap()
+            .contains("must be an integer"),
+        "{strict}"
+    );
+    assert_eq!(strict["dead_letters"]["count"], 1, "{strict}");
+    let (_, v) = api.get("/views/strict/a").await;
+    assert_eq!(v["points"], 1, "nothing after the halting event is applied");
+    let (st, b) = api.get("/readyz").await;
+    assert_eq!(st, 503, "{b}");
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("strict"),
+        "{b}"
+    );
+    r.stop().await;
+}
+
+/// Spawns `refold serve` on the embedded backends in `dir`.
+async fn serve_embedded(dir: &Path, extra: &[&str]) -> (Proc, Api) {
+    let data = dir.join("data");
+    let mut args = vec!["--data-dir", data.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let p = Proc::serve(&args, dir).await;
+    let api = Api::Remote(reqwest::Client::new(), p.base.clone());
+    (p, api)
+}
+
+#[tokio::test]
+async fn sigkill_while_projecting_then_restart_matches_the_oracle() {
+    // I6: no double counting, nothing missing, wherever the kill lands.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, api) = serve_embedded(dir.path(), &["--projection-batch", "7"]).await;
+    let events = demo_events(6, 4000);
+    let mut oracle = Oracle::new();
+    fold_oracle(&mut oracle, &events);
+    let pos = ingest(&api, &events).await;
+    let s = status(&api, "post_stats").await;
+    assert!(
+        s["lag"].as_u64().unwrap() > 0 && s["events"].as_u64().unwrap() > 0,
+        "kill in the middle: {s}"
+    );
+    p.kill9();
+    let (_p, api) = serve_embedded(dir.path(), &[]).await;
+    check_models(&api, &oracle, &pos, false).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_redis_that_lost_its_data_is_detected_and_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let start_redis = || {
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (scripts/services.sh installs it)")
+    };
+    let mut redis = start_redis();
+    let url = format!("redis://127.0.0.1:{port}/");
+    let config = kafka_redis(dir.path(), &url);
+    let connected = common::eventually(20, "redis to start", || {
+        let config = &config;
+        async move { open_kv(config).await.ok() }
+    })
+    .await;
+    drop(connected);
+    let (r, api) = start(&config).await;
+    let events = demo_events(7, 1500);
+    let mut oracle = Oracle::new();
+    fold_oracle(&mut oracle, &events[..1000]);
+    let pos = ingest(&api, &events[..1000]).await;
+    check_models(&api, &oracle, &pos, true).await.unwrap();
+
+    redis.kill().unwrap();
+    redis.wait().unwrap();
+    let mut redis = start_redis();
+    common::eventually(20, "redis to restart", || {
+        let config = &config;
+        async move { open_kv(config).await.ok() }
+    })
+    .await;
+    fold_oracle(&mut oracle, &events[1000..]);
+    let mut pos = pos;
+    pos.merge(&ingest(&api, &events[1000..]).await);
+    // Without detection the models would hold only the last 500 events.
+    check_models(&api, &oracle, &pos, true).await.unwrap();
+    r.stop().await;
+    redis.kill().unwrap();
+    redis.wait().unwrap();
+}
+
+#[tokio::test]
+async fn a_bumped_version_rebuilds_at_start_and_the_cli_drives_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("projections");
+    std::fs::create_dir_all(&defs).unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("projections");
+    for f in ["post_stats.toml", "tribe_feed.toml"] {
+        std::fs::copy(repo.join(f), defs.join(f)).unwrap();
+    }
+    let projections = ["--projections", defs.to_str().unwrap()];
+    let (mut p, api) = serve_embedded(dir.path(), &projections).await;
+    let events = demo_events(8, 1500);
+    let mut oracle = Oracle::new();
+    fold_oracle(&mut oracle, &events);
+    let pos = ingest(&api, &events).await;
+    check_models(&api, &oracle, &pos, false).await.unwrap();
+
+    // `refold status` and `refold replay` against the running service.
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_refold"))
+            .args(args)
+            .args(["--url", &p.base])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, out) = cli(&["status"]);
+    assert!(
+        ok && out.contains("post_stats") && out.contains("tribe_feed"),
+        "{out}"
+    );
+    let (ok, out) = cli(&["replay", "tribe_feed"]);
+    assert!(ok && out.contains("generation 2"), "{out}");
+    assert_eq!(status(&api, "tribe_feed").await["generation"], 2);
+    let (ok, out) = cli(&["replay", "no_such"]);
+    assert!(!ok && out.contains("no projection named"), "{out}");
+    assert_eq!(p.terminate().code(), Some(0));
+
+    // Comments now count ten each: a new version, rebuilt at start by replay.
+    let text = std::fs::read_to_string(defs.join("post_stats.toml")).unwrap();
+    let text = text.replace("version = 1", "version = 2").replace(
+        "op = \"incr\"\nfield = \"comments\"",
+        "op = \"incr\"\nfield = \"comments\"\nby = 10",
+    );
+    std::fs::write(defs.join("post_stats.toml"), text).unwrap();
+    let (_p, api) = serve_embedded(dir.path(), &projections).await;
+    let s = common::eventually(60, "the rebuild to switch", || {
+        let api = api.clone();
+        async move {
+            let s = status(&api, "post_stats").await;
+            (s["generation"] == 2 && s["replay"].is_null()).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(s["version"], 2, "{s}");
+    let post = oracle
+        .post_ids()
+        .into_iter()
+        .find(|p| oracle.post_stats(p).unwrap()["comments"].as_i64() > Some(0))
+        .unwrap();
+    let (_, v) = api.get(&format!("/views/post_stats/{post}")).await;
+    let want = oracle.post_stats(&post).unwrap()["comments"]
+        .as_i64()
+        .unwrap()
+        * 10;
+    assert_eq!(v["comments"], want, "{v}");
+    assert_eq!(
+        status(&api, "tribe_feed").await["generation"],
+        2,
+        "untouched projections keep their generation"
+    );
+}
+
+#[tokio::test]
+async fn the_demo_command_posts_a_realistic_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, api) = serve_embedded(dir.path(), &[]).await;
+    let out = Command::new(env!("CARGO_BIN_EXE_refold"))
+        .args(["demo", "--events", "1200", "--seed", "9", "--url", &p.base])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    // The same seed gives the same events: the read models match the oracle.
+    let events = Generator::new(DemoConfig {
+        seed: 9,
+        ..Default::default()
+    })
+    .take(1200);
+    let mut oracle = Oracle::new();
+    fold_oracle(&mut oracle, &events);
+    let s = common::eventually(30, "the demo events to be projected", || {
+        let api = api.clone();
+        async move {
+            let s = status(&api, "post_stats").await;
+            (s["events"] == 1200 && s["lag"] == 0).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(s["dead_letters"]["count"], 0, "{s}");
+    check_models(&api, &oracle, &Position::default(), false)
+        .await
+        .unwrap();
+}
