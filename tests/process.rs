@@ -319,6 +319,7 @@ async fn kafka_serve_needs_migrate_then_recovers_after_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let brokers = common::kafka_brokers();
     let prefix = format!("{}.", unique("proc"));
+    let data = dir.path().join("data");
     let backend = [
         "--log",
         "kafka",
@@ -326,6 +327,8 @@ async fn kafka_serve_needs_migrate_then_recovers_after_sigkill() {
         &brokers,
         "--topic-prefix",
         &prefix,
+        "--data-dir",
+        data.to_str().unwrap(),
     ];
     let mig = common::migrations_dir();
     let mut serve_args: Vec<&str> = backend.to_vec();

@@ -455,6 +455,7 @@ pub fn parse(file: &FsPath, source: &str) -> Result<Definition, DefError> {
     let mut schema: BTreeMap<String, FieldKind> = BTreeMap::new();
     let mut handlers = BTreeMap::new();
     let mut doc_reads = Vec::new();
+    let mut caps: BTreeMap<String, usize> = BTreeMap::new();
     for (event_type, ops) in raw.on {
         if crate::event::validate_type(&event_type).is_err() {
             return Err(err(
@@ -467,6 +468,14 @@ pub fn parse(file: &FsPath, source: &str) -> Result<Definition, DefError> {
             let at = op.span().start;
             let e = |r: String| err(at, format!("on.{event_type}: {r}"));
             let op = validate_op(op.into_inner()).map_err(&e)?;
+            if let OpKind::Push { field, cap, .. } = &op.kind {
+                // Pushes combine per batch, which needs one cap per list.
+                if let Some(other) = caps.insert(field.clone(), *cap).filter(|c| c != cap) {
+                    return Err(e(format!(
+                        "list `{field}` is capped at {other} elsewhere; give every push to it the same cap"
+                    )));
+                }
+            }
             if let Some((field, kind)) = op_field(&op.kind) {
                 match schema.get(field) {
                     Some(k) if *k != kind => {
@@ -849,6 +858,11 @@ ranking = "top:{doc.tribe_id}"
                 "name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = [1]\n",
                 4,
                 "invalid type",
+            ),
+            (
+                "name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"push\"\nfield = \"l\"\nfrom = \"data.y\"\n[[on.B]]\nop = \"push\"\nfield = \"l\"\nfrom = \"data.y\"\ncap = 5\n",
+                9,
+                "same cap",
             ),
         ];
         let mut wrong = Vec::new();

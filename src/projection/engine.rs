@@ -48,6 +48,8 @@ const POLL_WAIT: Duration = Duration::from_millis(200);
 const IDLE_CHECK: Duration = Duration::from_secs(2);
 /// Pause before a worker retries after an error.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// How long a switch waits for the new generation to reach where the old stopped.
+const SWITCH_CATCH_UP: Duration = Duration::from_secs(30);
 /// Window of the events/s figures.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 
@@ -198,18 +200,16 @@ impl Generation {
     }
 }
 
-fn decode(r: ConsumedRecord) -> Input {
-    let event = match &r.record.value {
-        None => Err("tombstone (erased event)".to_owned()),
-        Some(v) => {
-            serde_json::from_slice::<Envelope>(v).map_err(|e| format!("not an event envelope: {e}"))
-        }
-    };
-    Input {
+/// The record as fold input; `None` for a tombstone (an erased event, I5), which
+/// projections skip: erasure is deliberate, not bad input.
+fn decode(r: ConsumedRecord) -> Option<Input> {
+    let event = serde_json::from_slice::<Envelope>(r.record.value.as_deref()?)
+        .map_err(|e| format!("not an event envelope: {e}"));
+    Some(Input {
         partition: r.partition,
         offset: r.offset,
         event,
-    }
+    })
 }
 
 /// Why a worker's inner loop ended.
@@ -273,7 +273,7 @@ async fn run_partition(
         let count = batch.records.len() as u64;
         let last = batch.records.last().map(|r| r.offset).unwrap_or(next);
         let upto = batch.next_offset.max(last + 1);
-        let inputs: Vec<Input> = batch.records.into_iter().map(decode).collect();
+        let inputs: Vec<Input> = batch.records.into_iter().filter_map(decode).collect();
         let reads = if g.def.doc_reads.is_empty() {
             empty.clone()
         } else {
@@ -508,6 +508,7 @@ impl Projection {
             }
             let mut slot = self.replay.lock().await;
             if *cancel.borrow()
+                || self.ctx.shutting_down.load(Ordering::SeqCst)
                 || !slot
                     .as_ref()
                     .is_some_and(|r| Arc::ptr_eq(&r.generation, &new))
@@ -535,14 +536,38 @@ impl Projection {
         old.halt_workers().await;
         let final_old = old.applied();
         let mut rx = new.applied.subscribe();
-        let _ = rx
-            .wait_for(|a| a.iter().zip(&final_old).all(|(n, o)| n >= o))
-            .await;
+        // Usually a few milliseconds; bounded, since the new generation may halt
+        // or stall before it gets there.
+        let deadline = Instant::now() + SWITCH_CATCH_UP;
+        let reached = loop {
+            if rx
+                .borrow_and_update()
+                .iter()
+                .zip(&final_old)
+                .all(|(n, o)| n >= o)
+            {
+                break Ok(());
+            }
+            if let Some(e) = new.failure() {
+                break Err(StoreError::Other(format!("the new generation failed: {e}")));
+            }
+            if Instant::now() >= deadline {
+                break Err(StoreError::Unavailable(format!(
+                    "the new generation did not reach the old one's position within {} s",
+                    SWITCH_CATCH_UP.as_secs()
+                )));
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
+        };
         let meta = Meta {
             live: Some(new.info.clone()),
             building: None,
         };
-        if let Err(e) = self.store.put_meta(&self.name, &meta).await {
+        let switched = match reached {
+            Ok(()) => self.store.put_meta(&self.name, &meta).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = switched {
             // Keep serving the old generation, and let it follow the log again.
             let restarted = Generation::start(
                 &self.ctx,
@@ -748,13 +773,16 @@ impl Engine {
         let wanted = live_info.version != def.version;
         let mut slot = p.replay.lock().await;
         match meta.building {
-            Some(b) if wanted && b.version == def.version && b.source == def.source => {
+            // Interrupted by the last stop, with the definition the file has now
+            // (a version bump, or a replay asked for over HTTP).
+            Some(b) if b.version == def.version && b.source == def.source => {
                 info!(projection = %name, generation = b.generation, "resuming the replay interrupted by the last stop");
                 p.begin_replay(&mut slot, b, Arc::new(def), false).await?;
             }
             building => {
                 if let Some(b) = building {
-                    // An abandoned replay of another definition: drop it.
+                    warn!(projection = %name, generation = b.generation, version = b.version,
+                          "dropping an unfinished replay of a definition the file no longer has");
                     let id = GenRef {
                         projection: name.clone(),
                         generation: b.generation,

@@ -52,9 +52,11 @@ pub fn embedded_config(data_dir: &Path) -> Config {
     .unwrap()
 }
 
-/// Kafka config with a topic prefix of its own, migrated on start.
+/// Kafka config with a topic prefix of its own, migrated on start. Its data
+/// directory (the embedded read-model store) is its own too.
 pub fn kafka_config(prefix: &str) -> Config {
     Config::from_settings(Settings {
+        data_dir: Some(Path::new(env!("CARGO_TARGET_TMPDIR")).join(prefix)),
         log: Some(LogBackend::Kafka),
         kafka_brokers: Some(kafka_brokers()),
         topic_prefix: Some(format!("{prefix}.")),
