@@ -100,6 +100,14 @@ async fn ingest(api: &Api, events: &[DemoEvent]) -> Position {
     pos
 }
 
+/// Posts `n` demo events of `seed`; their oracle and position token.
+async fn seeded(api: &Api, seed: u64, n: usize) -> (Oracle, Position) {
+    let events = demo_events(seed, n);
+    let mut oracle = Oracle::new();
+    fold_oracle(&mut oracle, &events);
+    (oracle, ingest(api, &events).await)
+}
+
 /// Every read model of the demo equals the oracle once `after` is applied.
 /// `approx`: unique_viewers comes from a HyperLogLog (Redis).
 async fn check_models(
@@ -275,10 +283,7 @@ async fn kafka_redis_read_models_equal_the_oracle_with_a_competing_engine() {
     )
     .await
     .unwrap();
-    let events = demo_events(2, 2000);
-    let mut oracle = Oracle::new();
-    fold_oracle(&mut oracle, &events);
-    let pos = ingest(&api, &events).await;
+    let (oracle, pos) = seeded(&api, 2, 2000).await;
     check_models(&api, &oracle, &pos, true).await.unwrap();
     // The rival has applied what it could; once both are idle the models still hold.
     rival.stop().await;
@@ -344,10 +349,7 @@ async fn replay_under_load_serves_only_complete_generations() {
     // switch is atomic; new events arriving during the replay are not lost.
     let dir = tempfile::tempdir().unwrap();
     let (r, api) = start(&embedded(dir.path(), 100)).await;
-    let events = demo_events(4, 6000);
-    let mut oracle = Oracle::new();
-    fold_oracle(&mut oracle, &events);
-    let pos = ingest(&api, &events).await;
+    let (mut oracle, pos) = seeded(&api, 4, 6000).await;
     check_models(&api, &oracle, &pos, false).await.unwrap();
     let watched: Vec<(String, Value)> = oracle
         .post_ids()
@@ -450,10 +452,7 @@ async fn replay_under_load_serves_only_complete_generations() {
 async fn a_cancelled_replay_leaves_the_live_generation() {
     let dir = tempfile::tempdir().unwrap();
     let (r, api) = start(&embedded(dir.path(), 2)).await;
-    let events = demo_events(5, 1500);
-    let mut oracle = Oracle::new();
-    fold_oracle(&mut oracle, &events);
-    let pos = ingest(&api, &events).await;
+    let (oracle, pos) = seeded(&api, 5, 1500).await;
     check_models(&api, &oracle, &pos, false).await.unwrap();
     let (st, _) = api
         .send(
@@ -599,10 +598,7 @@ async fn serve_embedded(dir: &Path, extra: &[&str]) -> (Proc, Api) {
 async fn sigkill_while_projecting(dir: &Path, args: &[&str], approx: bool) {
     let with_small_batches = [args, &["--projection-batch", "7"]].concat();
     let (mut p, api) = serve_embedded(dir, &with_small_batches).await;
-    let events = demo_events(6, 3000);
-    let mut oracle = Oracle::new();
-    fold_oracle(&mut oracle, &events);
-    let pos = ingest(&api, &events).await;
+    let (oracle, pos) = seeded(&api, 6, 3000).await;
     let s = status(&api, "post_stats").await;
     assert!(
         s["lag"].as_u64().unwrap() > 0 && s["events"].as_u64().unwrap() > 0,
@@ -703,10 +699,7 @@ async fn a_bumped_version_rebuilds_at_start_and_the_cli_drives_replays() {
     }
     let projections = ["--projections", defs.to_str().unwrap()];
     let (mut p, api) = serve_embedded(dir.path(), &projections).await;
-    let events = demo_events(8, 1500);
-    let mut oracle = Oracle::new();
-    fold_oracle(&mut oracle, &events);
-    let pos = ingest(&api, &events).await;
+    let (oracle, pos) = seeded(&api, 8, 1500).await;
     check_models(&api, &oracle, &pos, false).await.unwrap();
 
     // `refold status` and `refold replay` against the running service.
