@@ -454,12 +454,13 @@ pub fn parse(file: &FsPath, source: &str) -> Result<Definition, DefError> {
 
     let mut schema: BTreeMap<String, FieldKind> = BTreeMap::new();
     let mut handlers = BTreeMap::new();
-    let mut doc_reads = Vec::new();
+    // Each `doc.` field read, with where it is first read (for errors).
+    let mut doc_reads: Vec<(String, usize)> = Vec::new();
     let mut caps: BTreeMap<String, usize> = BTreeMap::new();
     for (event_type, ops) in raw.on {
         if crate::event::validate_type(&event_type).is_err() {
             return Err(err(
-                0,
+                ops.first().map_or(0, |op| op.span().start),
                 format!("`on.{event_type}`: not a valid event type name"),
             ));
         }
@@ -492,21 +493,21 @@ pub fn parse(file: &FsPath, source: &str) -> Result<Definition, DefError> {
             }
             for p in op_paths(&op) {
                 if let ValuePath::Doc(f) = p
-                    && !doc_reads.contains(f)
+                    && !doc_reads.iter().any(|(r, _)| r == f)
                 {
-                    doc_reads.push(f.clone());
+                    doc_reads.push((f.clone(), at));
                 }
             }
             out.push(op);
         }
         handlers.insert(event_type, out);
     }
-    for f in &doc_reads {
+    for (f, at) in &doc_reads {
         match schema.get(f) {
             Some(FieldKind::Value | FieldKind::Counter) => {}
             Some(k) => {
                 return Err(err(
-                    0,
+                    *at,
                     format!(
                         "`doc.{f}` reads a {} field; only set and incr/decr fields can be read",
                         k.op_names()
@@ -515,7 +516,7 @@ pub fn parse(file: &FsPath, source: &str) -> Result<Definition, DefError> {
             }
             None => {
                 return Err(err(
-                    0,
+                    *at,
                     format!("`doc.{f}` reads a field no operation writes"),
                 ));
             }
@@ -529,7 +530,7 @@ pub fn parse(file: &FsPath, source: &str) -> Result<Definition, DefError> {
         on_error,
         handlers,
         schema,
-        doc_reads,
+        doc_reads: doc_reads.into_iter().map(|(f, _)| f).collect(),
         source: source.to_owned(),
         file: file.to_owned(),
     })
@@ -851,7 +852,7 @@ ranking = "top:{doc.tribe_id}"
             ),
             (
                 "name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"rank\"\nranking = \"r:{doc.nope}\"\n",
-                1,
+                5,
                 "no operation writes",
             ),
             (
