@@ -3,6 +3,8 @@
 //! `TEST_REDIS_URL`, set by scripts/test.sh; each test uses a namespace of its own
 //! and removes it afterwards).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use refold::projection::def::FieldKind;
@@ -610,13 +612,6 @@ async fn read_fields_returns_stored_values(kv: &dyn KvStore) {
 
 // ---- the adapters ----------------------------------------------------------------
 
-fn redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").expect(
-        "TEST_REDIS_URL is not set: run the suite with scripts/test.sh, which starts redis \
-         (or set TEST_REDIS_URL=redis://127.0.0.1:6379/)",
-    )
-}
-
 /// A namespace no other test (or earlier run) uses on the shared Redis.
 fn unique_namespace(case: &str) -> String {
     let nanos = std::time::SystemTime::now()
@@ -624,36 +619,6 @@ fn unique_namespace(case: &str) -> String {
         .unwrap()
         .as_nanos();
     format!("t{}-{nanos}-{case}.", std::process::id())
-}
-
-/// Removes every key of a test's namespace.
-async fn remove_namespace(ns: &str) {
-    let client = ::redis::Client::open(redis_url()).unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
-    let pattern = format!("{ns}*");
-    let mut cursor = 0u64;
-    loop {
-        let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut con)
-            .await
-            .unwrap();
-        if !keys.is_empty() {
-            ::redis::cmd("UNLINK")
-                .arg(keys)
-                .query_async::<()>(&mut con)
-                .await
-                .unwrap();
-        }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
 }
 
 /// Two tests per case: `embedded::<case>` and `redis::<case>`.
@@ -676,10 +641,10 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $case() {
                     let ns = super::unique_namespace(stringify!($case));
-                    let kv = super::RedisStore::connect(&super::redis_url(), &ns).await.unwrap();
+                    let kv = super::RedisStore::connect(&super::common::redis_url(), &ns).await.unwrap();
                     assert_eq!(super::KvStore::backend(&kv), "redis");
                     super::$case(&kv).await;
-                    super::remove_namespace(&ns).await;
+                    crate::common::redis_remove_namespace(&ns).await;
                 }
             )*
         }

@@ -211,11 +211,6 @@ fn embedded(dir: &Path, batch: usize) -> Config {
     })
 }
 
-fn redis_url() -> String {
-    std::env::var("TEST_REDIS_URL")
-        .expect("TEST_REDIS_URL is not set: run the suite with scripts/test.sh, which starts redis")
-}
-
 fn kafka_redis(dir: &Path, redis: &str) -> Config {
     config(Settings {
         data_dir: Some(dir.to_owned()),
@@ -269,7 +264,7 @@ async fn kafka_redis_read_models_equal_the_oracle_with_a_competing_engine() {
     // time, as a second refold process would: checkpoint fencing must keep every
     // batch applied once.
     let dir = tempfile::tempdir().unwrap();
-    let config = kafka_redis(dir.path(), &redis_url());
+    let config = kafka_redis(dir.path(), &common::redis_url());
     let (r, api) = start(&config).await;
     let rival = Engine::start(
         r.log.clone(),
@@ -289,6 +284,7 @@ async fn kafka_redis_read_models_equal_the_oracle_with_a_competing_engine() {
     rival.stop().await;
     check_models(&api, &oracle, &pos, true).await.unwrap();
     r.stop().await;
+    common::redis_remove_namespace(&config.topic_prefix).await;
 }
 
 #[tokio::test]
@@ -618,7 +614,7 @@ async fn sigkill_while_projecting_then_restart_matches_the_oracle() {
 #[tokio::test]
 async fn sigkill_while_projecting_on_kafka_and_redis_matches_the_oracle() {
     let dir = tempfile::tempdir().unwrap();
-    let (brokers, redis) = (common::kafka_brokers(), redis_url());
+    let (brokers, redis) = (common::kafka_brokers(), common::redis_url());
     let prefix = format!("{}.", unique("kill"));
     let args = [
         "--log",
@@ -632,6 +628,7 @@ async fn sigkill_while_projecting_on_kafka_and_redis_matches_the_oracle() {
         &redis,
     ];
     sigkill_while_projecting(dir.path(), &args, true).await;
+    common::redis_remove_namespace(&prefix).await;
 }
 
 #[tokio::test]

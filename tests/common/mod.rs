@@ -24,6 +24,44 @@ pub fn kafka_brokers() -> String {
     )
 }
 
+/// The shared Redis the suite runs against (`scripts/test.sh` starts or reuses it).
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").expect(
+        "TEST_REDIS_URL is not set: run the suite with scripts/test.sh, which starts redis \
+         (or set TEST_REDIS_URL=redis://127.0.0.1:6379/)",
+    )
+}
+
+/// Removes every key of a test's namespace (or topic prefix) from the shared Redis.
+pub async fn redis_remove_namespace(ns: &str) {
+    let client = ::redis::Client::open(redis_url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let pattern = format!("{ns}*");
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            ::redis::cmd("UNLINK")
+                .arg(keys)
+                .query_async::<()>(&mut con)
+                .await
+                .unwrap();
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+}
+
 /// A name no other test (or earlier run) uses.
 pub fn unique(tag: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
