@@ -575,6 +575,21 @@ async fn poison_events_become_dead_letters_and_the_projection_carries_on() {
         b["error"]["message"].as_str().unwrap().contains("strict"),
         "{b}"
     );
+
+    // After a restart it halts at the same event again, without recording it twice.
+    r.stop().await;
+    drop(api);
+    let (r, api) = start(&config).await;
+    let strict = common::eventually(30, "the strict projection to halt again", || {
+        let api = api.clone();
+        async move {
+            let s = status(&api, "strict").await;
+            (s["state"] == "failed").then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(strict["dead_letters"]["count"], 1, "{strict}");
+    assert_eq!(status(&api, "scores").await["dead_letters"]["count"], 1);
     r.stop().await;
 }
 

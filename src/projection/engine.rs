@@ -280,7 +280,17 @@ async fn run_partition(
             let keys = fold::keys_to_read(&g.def, &inputs);
             session.read_fields(&keys, &g.def.doc_reads).await?
         };
-        let fx = fold::fold(&g.def, &inputs, &reads);
+        let mut fx = fold::fold(&g.def, &inputs, &reads);
+        if let Some(at) = fx.halted_at {
+            // Halted here before (and restarted since): its dead letter is recorded.
+            let (_, newest) = g.store.dead_letters(&g.id, 16).await?;
+            if newest
+                .iter()
+                .any(|d| (d.partition, d.offset) == (partition, at))
+            {
+                fx.dead_letters.pop();
+            }
+        }
         let commit_to = fx.halted_at.unwrap_or(upto);
         match session
             .commit(expected, commit_to, &fx, &g.def.schema)
