@@ -515,8 +515,17 @@ async fn generations_are_isolated(kv: &dyn KvStore) {
     };
     assert_eq!(view(kv, &g1, "post/1").await, expect(1));
     assert_eq!(view(kv, &g10, "post/1").await, expect(10));
+    // Generations are listed per projection: `postsx` is another one.
+    let listed = |v: &[u64]| {
+        v.iter()
+            .copied()
+            .collect::<std::collections::BTreeSet<u64>>()
+    };
+    assert_eq!(kv.generations("posts").await.unwrap(), listed(&[1, 10]));
+    assert_eq!(kv.generations("postsx").await.unwrap(), listed(&[1]));
 
     kv.drop_generation(&g1).await.unwrap();
+    assert_eq!(kv.generations("posts").await.unwrap(), listed(&[10]));
     assert_eq!(view(kv, &g1, "post/1").await, None);
     assert_eq!(kv.checkpoints(&g1, 1).await.unwrap(), vec![None]);
     assert_eq!(kv.ranking(&g1, "top", 10).await.unwrap(), vec![]);

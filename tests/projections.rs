@@ -810,3 +810,43 @@ async fn the_demo_command_posts_a_realistic_stream() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn generations_left_behind_by_a_crash_are_dropped_at_start() {
+    use refold::projection::fold::Effects;
+    use refold::projection::store::embedded::EmbeddedKv;
+    use refold::projection::store::{GenRef, KvStore};
+    let dir = tempfile::tempdir().unwrap();
+    let config = embedded(dir.path(), 1000);
+    {
+        // As if a crash had struck between a switch and the old generation's drop.
+        let kv = EmbeddedKv::open(dir.path()).unwrap();
+        let stale = GenRef {
+            projection: "post_stats".into(),
+            generation: 7,
+        };
+        let mut session = kv.session(&stale, 0).await.unwrap();
+        let schema = Default::default();
+        session
+            .commit(None, 3, &Effects::default(), &schema)
+            .await
+            .unwrap();
+        assert!(kv.generations("post_stats").await.unwrap().contains(&7));
+    }
+    let (r, api) = start(&config).await;
+    seeded(&api, 10, 50).await;
+    common::eventually(30, "the events to be projected", || {
+        let api = api.clone();
+        async move { (status(&api, "post_stats").await["events"] == 50).then_some(()) }
+    })
+    .await;
+    let store = r.state.engine.get("post_stats").unwrap().store().clone();
+    let left: Vec<u64> = store
+        .generations("post_stats")
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(left, vec![1], "only the live generation remains");
+    r.stop().await;
+}

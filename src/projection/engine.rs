@@ -820,7 +820,20 @@ impl Engine {
                 }
             }
         }
+        // Generations a crash left behind (between a switch or a cancel and the
+        // deletion that follows it): neither live nor being built.
+        let building = slot.as_ref().map(|r| r.generation.info.generation);
         drop(slot);
+        for g in store.generations(&name).await? {
+            if g != live_info.generation && Some(g) != building {
+                warn!(projection = %name, generation = g, "dropping a generation left behind by an earlier stop");
+                let id = GenRef {
+                    projection: name.clone(),
+                    generation: g,
+                };
+                store.drop_generation(&id).await?;
+            }
+        }
         info!(projection = %name, generation = live_info.generation, version = live_info.version, store = store.backend(), "projection started");
         Ok(p)
     }

@@ -422,6 +422,24 @@ impl KvStore for EmbeddedKv {
         })
         .await
     }
+
+    async fn generations(&self, projection: &str) -> StoreResult<BTreeSet<u64>> {
+        let (lo, hi) = (format!("{projection}:"), format!("{projection};"));
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let t = txn.open_table(CKPT)?;
+            let mut out = BTreeSet::new();
+            for entry in t.range((lo.as_str(), 0u32)..(hi.as_str(), 0u32))? {
+                let (k, _) = entry?;
+                let (gid, _) = k.value();
+                if let Some(g) = gid.strip_prefix(lo.as_str()).and_then(|n| n.parse().ok()) {
+                    out.insert(g);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
 }
 
 struct Session {

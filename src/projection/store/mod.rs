@@ -133,6 +133,10 @@ pub trait KvStore: Send + Sync + 'static {
 
     /// Removes everything of a generation.
     async fn drop_generation(&self, generation: &GenRef) -> StoreResult<()>;
+
+    /// The generations of a projection that hold a checkpoint (every commit writes
+    /// one), to find those a crash left behind.
+    async fn generations(&self, projection: &str) -> StoreResult<BTreeSet<u64>>;
 }
 
 #[async_trait]

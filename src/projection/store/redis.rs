@@ -289,6 +289,34 @@ impl KvStore for RedisStore {
             cursor = next;
         }
     }
+
+    async fn generations(&self, projection: &str) -> StoreResult<BTreeSet<u64>> {
+        let base = format!("{}{projection}:", self.ns);
+        let pattern = format!("{}*:ckpt:*", glob_escape(&base));
+        let mut out = BTreeSet::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let scan = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .to_owned();
+            let (next, found): (u64, Vec<String>) = self.link.query(&scan).await?;
+            out.extend(found.iter().filter_map(|k| {
+                k.strip_prefix(&base)?
+                    .split(':')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            }));
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
 }
 
 /// The worker of one partition: its own connection, for WATCH.
