@@ -62,7 +62,11 @@ impl Api {
     }
 
     async fn get(&self, uri: &str) -> (u16, Value) {
-        self.send("GET", uri, "application/json", String::new())
+        self.without_body("GET", uri).await
+    }
+
+    async fn without_body(&self, method: &str, uri: &str) -> (u16, Value) {
+        self.send(method, uri, "application/json", String::new())
             .await
     }
 }
@@ -389,22 +393,12 @@ async fn replay_under_load_serves_only_complete_generations() {
         .collect();
     fold_oracle(&mut oracle, &fresh);
     let (st, b) = api
-        .send(
-            "POST",
-            "/projections/post_stats/replay",
-            "application/json",
-            String::new(),
-        )
+        .without_body("POST", "/projections/post_stats/replay")
         .await;
     assert_eq!(st, 202, "{b}");
     assert_eq!(b["replay"]["generation"], 2);
     let (st, b) = api
-        .send(
-            "POST",
-            "/projections/post_stats/replay",
-            "application/json",
-            String::new(),
-        )
+        .without_body("POST", "/projections/post_stats/replay")
         .await;
     assert_eq!(
         (st, &b["error"]["code"]),
@@ -451,21 +445,11 @@ async fn a_cancelled_replay_leaves_the_live_generation() {
     let (oracle, pos) = seeded(&api, 5, 1500).await;
     check_models(&api, &oracle, &pos, false).await.unwrap();
     let (st, _) = api
-        .send(
-            "POST",
-            "/projections/post_stats/replay",
-            "application/json",
-            String::new(),
-        )
+        .without_body("POST", "/projections/post_stats/replay")
         .await;
     assert_eq!(st, 202);
     let (st, b) = api
-        .send(
-            "DELETE",
-            "/projections/post_stats/replay",
-            "application/json",
-            String::new(),
-        )
+        .without_body("DELETE", "/projections/post_stats/replay")
         .await;
     assert_eq!(st, 200, "{b}");
     assert_eq!(b["cancelled_generation"], 2);
@@ -476,12 +460,7 @@ async fn a_cancelled_replay_leaves_the_live_generation() {
         "{s}"
     );
     let (st, _) = api
-        .send(
-            "DELETE",
-            "/projections/post_stats/replay",
-            "application/json",
-            String::new(),
-        )
+        .without_body("DELETE", "/projections/post_stats/replay")
         .await;
     assert_eq!(st, 404);
     check_models(&api, &oracle, &pos, false).await.unwrap();

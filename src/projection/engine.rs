@@ -275,12 +275,12 @@ async fn run_partition(
         let upto = batch.next_offset.max(last + 1);
         let inputs: Vec<Input> = batch.records.into_iter().filter_map(decode).collect();
         let reads = if g.def.doc_reads.is_empty() {
-            empty.clone()
+            None
         } else {
             let keys = fold::keys_to_read(&g.def, &inputs);
-            session.read_fields(&keys, &g.def.doc_reads).await?
+            Some(session.read_fields(&keys, &g.def.doc_reads).await?)
         };
-        let mut fx = fold::fold(&g.def, &inputs, &reads);
+        let mut fx = fold::fold(&g.def, &inputs, reads.as_ref().unwrap_or(&empty));
         if let Some(at) = fx.halted_at {
             // Halted here before (and restarted since): its dead letter is recorded.
             let (_, newest) = g.store.dead_letters(&g.id, 16).await?;

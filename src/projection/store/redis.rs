@@ -270,14 +270,7 @@ impl KvStore for RedisStore {
         let pattern = self.keys(generation).pattern();
         let mut cursor: u64 = 0;
         loop {
-            let scan = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .to_owned();
-            let (next, found): (u64, Vec<String>) = self.link.query(&scan).await?;
+            let (next, found) = self.link.scan(cursor, &pattern).await?;
             if !found.is_empty() {
                 self.link
                     .query::<()>(redis::cmd("UNLINK").arg(found))
@@ -296,14 +289,7 @@ impl KvStore for RedisStore {
         let mut out = BTreeSet::new();
         let mut cursor: u64 = 0;
         loop {
-            let scan = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .to_owned();
-            let (next, found): (u64, Vec<String>) = self.link.query(&scan).await?;
+            let (next, found) = self.link.scan(cursor, &pattern).await?;
             out.extend(found.iter().filter_map(|k| {
                 k.strip_prefix(&base)?
                     .split(':')
@@ -632,10 +618,23 @@ impl Link {
     // query that happened to notice.
 
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> StoreResult<T> {
+        self.retrying(|mut con| async move { cmd.query_async(&mut con).await })
+            .await
+    }
+
+    async fn query_pipe<T: FromRedisValue>(&self, p: &Pipeline) -> StoreResult<T> {
+        self.retrying(|mut con| async move { p.query_async(&mut con).await })
+            .await
+    }
+
+    async fn retrying<T, F, Fut>(&self, send: F) -> StoreResult<T>
+    where
+        F: Fn(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
         let mut retried = false;
         loop {
-            let mut con = self.conn().await?;
-            match cmd.query_async(&mut con).await {
+            match send(self.conn().await?).await {
                 Ok(v) => return Ok(v),
                 Err(e) if !retried && stale(&e) => {
                     self.reset().await;
@@ -646,19 +645,16 @@ impl Link {
         }
     }
 
-    async fn query_pipe<T: FromRedisValue>(&self, p: &Pipeline) -> StoreResult<T> {
-        let mut retried = false;
-        loop {
-            let mut con = self.conn().await?;
-            match p.query_async(&mut con).await {
-                Ok(v) => return Ok(v),
-                Err(e) if !retried && stale(&e) => {
-                    self.reset().await;
-                    retried = true;
-                }
-                Err(e) => return self.failed(e).await,
-            }
-        }
+    /// One page of `SCAN cursor MATCH pattern`: the next cursor (0: done) and keys.
+    async fn scan(&self, cursor: u64, pattern: &str) -> StoreResult<(u64, Vec<String>)> {
+        let scan = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT)
+            .to_owned();
+        self.query(&scan).await
     }
 }
 
