@@ -106,10 +106,6 @@ async fn caught_up(
     }
 }
 
-fn store_error(e: impl std::fmt::Display) -> ApiError {
-    ApiError::StoreUnavailable(e.to_string())
-}
-
 fn path<T>(p: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
     p.map(|Path(t)| t)
         .map_err(|e| ApiError::invalid("path", e.body_text()))
@@ -125,12 +121,7 @@ pub async fn view(
     let q = params(q, &["after", "wait_ms"])?;
     let p = projection(&s, &name)?;
     let g = caught_up(p, &q).await?;
-    match p
-        .store()
-        .view(&g.id, &g.def.schema, &key)
-        .await
-        .map_err(store_error)?
-    {
+    match p.store().view(&g.id, &g.def.schema, &key).await? {
         Some(doc) => Ok(Json(Value::Object(doc))),
         None => Err(ApiError::NotFound(format!(
             "projection {name} has nothing for key {key:?}"
@@ -149,11 +140,7 @@ pub async fn ranking(
     let limit = number(&q, "limit", DEFAULT_LIMIT, MAX_LIMIT)?.max(1);
     let p = projection(&s, &name)?;
     let g = caught_up(p, &q).await?;
-    let top = p
-        .store()
-        .ranking(&g.id, &ranking, limit)
-        .await
-        .map_err(store_error)?;
+    let top = p.store().ranking(&g.id, &ranking, limit).await?;
     let members: Vec<Value> = top
         .into_iter()
         .map(|(member, score)| json!({"member": member, "score": score}))

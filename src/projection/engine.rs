@@ -386,7 +386,7 @@ impl Projection {
                 self.name, r.generation.info.generation, self.name
             )));
         }
-        let meta = self.store.meta(&self.name).await.map_err(store_error)?;
+        let meta = self.store.meta(&self.name).await?;
         let number = [meta.live.as_ref(), meta.building.as_ref()]
             .into_iter()
             .flatten()
@@ -401,8 +401,7 @@ impl Projection {
             source: def.source.clone(),
         };
         self.begin_replay(&mut slot, info, Arc::new(def), true)
-            .await
-            .map_err(store_error)?;
+            .await?;
         Ok(self.replay_status(slot.as_ref().expect("just started")))
     }
 
@@ -417,9 +416,7 @@ impl Projection {
         };
         r.cancel.send_replace(true);
         r.generation.halt_workers().await;
-        self.forget_building(&r.generation)
-            .await
-            .map_err(store_error)?;
+        self.forget_building(&r.generation).await?;
         info!(projection = %self.name, generation = r.generation.info.generation, "replay cancelled");
         Ok(json!({"projection": self.name, "cancelled_generation": r.generation.info.generation}))
     }
@@ -683,10 +680,6 @@ impl Projection {
 
 fn round(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
-}
-
-fn store_error(e: StoreError) -> ApiError {
-    ApiError::StoreUnavailable(e.to_string())
 }
 
 /// Every projection of the service.

@@ -84,6 +84,13 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+impl From<StoreError> for crate::error::ApiError {
+    /// A store that fails a query or an admin call: 503, retry.
+    fn from(e: StoreError) -> Self {
+        Self::StoreUnavailable(e.to_string())
+    }
+}
+
 #[async_trait]
 pub trait KvStore: Send + Sync + 'static {
     /// `"redis"` or `"embedded"`, for logs and status.
