@@ -12,7 +12,7 @@ use refold::projection::fold::{DeadLetter, DocDelta, Effects, FieldDelta};
 use refold::projection::store::embedded::EmbeddedKv;
 use refold::projection::store::redis::RedisStore;
 use refold::projection::store::{
-    Commit, DEAD_LETTERS_KEPT, GenInfo, GenRef, KvStore, Meta, Schema,
+    Commit, DEAD_LETTERS_KEPT, GenInfo, GenRef, KvStore, Meta, Schema, Store,
 };
 use serde_json::{Map, Value, json};
 
@@ -589,7 +589,7 @@ async fn read_fields_returns_stored_values(kv: &dyn KvStore) {
         .collect();
     let reads = session.read_fields(&keys, &fields).await.unwrap();
     assert_eq!(
-        reads.get("post/1"),
+        reads.fields.get("post/1"),
         Some(&BTreeMap::from([
             ("likes".to_string(), json!(4)),
             ("title".to_string(), json!({"a": 1})),
@@ -597,11 +597,11 @@ async fn read_fields_returns_stored_values(kv: &dyn KvStore) {
         ]))
     );
     assert_eq!(
-        reads.get("post/2"),
+        reads.fields.get("post/2"),
         Some(&BTreeMap::from([("title".to_string(), json!("t2"))]))
     );
     assert!(
-        reads.get("post/404").is_none_or(|m| m.is_empty()),
+        reads.fields.get("post/404").is_none_or(|m| m.is_empty()),
         "unknown key: {reads:?}"
     );
 
@@ -614,7 +614,7 @@ async fn read_fields_returns_stored_values(kv: &dyn KvStore) {
         .await
         .unwrap();
     assert_eq!(
-        only.get("post/1"),
+        only.fields.get("post/1"),
         Some(&BTreeMap::from([("likes".to_string(), json!(4))]))
     );
 }
@@ -639,7 +639,7 @@ macro_rules! conformance {
                 async fn $case() {
                     let dir = tempfile::tempdir().unwrap();
                     let kv = super::EmbeddedKv::open(dir.path()).unwrap();
-                    assert_eq!(super::KvStore::backend(&kv), "embedded");
+                    assert_eq!(super::Store::backend(&kv), "embedded");
                     super::$case(&kv).await;
                 }
             )*
@@ -651,7 +651,7 @@ macro_rules! conformance {
                 async fn $case() {
                     let ns = super::unique_namespace(stringify!($case));
                     let kv = super::RedisStore::connect(&super::common::redis_url(), &ns).await.unwrap();
-                    assert_eq!(super::KvStore::backend(&kv), "redis");
+                    assert_eq!(super::Store::backend(&kv), "redis");
                     super::$case(&kv).await;
                     crate::common::redis_remove_namespace(&ns).await;
                 }

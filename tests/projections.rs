@@ -794,7 +794,7 @@ async fn the_demo_command_posts_a_realistic_stream() {
 async fn generations_left_behind_by_a_crash_are_dropped_at_start() {
     use refold::projection::fold::Effects;
     use refold::projection::store::embedded::EmbeddedKv;
-    use refold::projection::store::{GenRef, KvStore};
+    use refold::projection::store::{GenRef, Store};
     let dir = tempfile::tempdir().unwrap();
     let config = embedded(dir.path(), 1000);
     {

@@ -43,15 +43,22 @@ pub struct DefError {
 pub enum StoreKind {
     /// Key-value read models: Redis, or its embedded stand-in.
     Redis,
+    /// Searchable JSON documents: Elasticsearch, or its embedded stand-in.
+    Elasticsearch,
 }
 
 impl StoreKind {
     pub fn as_str(self) -> &'static str {
         match self {
             StoreKind::Redis => "redis",
+            StoreKind::Elasticsearch => "elasticsearch",
         }
     }
 }
+
+/// Field names document projections may not use: the stores keep their own
+/// bookkeeping under this prefix.
+pub const RESERVED_PREFIX: &str = "refold_";
 
 /// What happens to an event a projection cannot apply (I8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,6 +283,13 @@ impl Definition {
     pub fn handles(&self, event_type: &str) -> bool {
         self.handlers.contains_key(event_type)
     }
+
+    /// Whether a batch reads the stored read model before it is folded: for
+    /// `doc.` paths, and always on document stores (they rewrite whole documents
+    /// and skip what a document already holds).
+    pub fn reads_before_fold(&self) -> bool {
+        !self.doc_reads.is_empty() || self.store == StoreKind::Elasticsearch
+    }
 }
 
 // --- raw file shape -------------------------------------------------------------
@@ -410,17 +424,11 @@ pub fn parse(file: &FsPath, source: &str) -> Result<Definition, DefError> {
     }
     let store = match raw.store.get_ref().as_str() {
         "redis" => StoreKind::Redis,
-        "elasticsearch" => {
-            return Err(err(
-                raw.store.span().start,
-                "store `elasticsearch` (document projections) is not supported yet; use `redis`"
-                    .into(),
-            ));
-        }
+        "elasticsearch" => StoreKind::Elasticsearch,
         other => {
             return Err(err(
                 raw.store.span().start,
-                format!("unknown store `{other}`; expected `redis`"),
+                format!("unknown store `{other}`; expected `redis` or `elasticsearch`"),
             ));
         }
     };
@@ -469,6 +477,9 @@ pub fn parse(file: &FsPath, source: &str) -> Result<Definition, DefError> {
             let at = op.span().start;
             let e = |r: String| err(at, format!("on.{event_type}: {r}"));
             let op = validate_op(op.into_inner()).map_err(&e)?;
+            if store == StoreKind::Elasticsearch {
+                document_op(&op.kind).map_err(&e)?;
+            }
             if let OpKind::Push { field, cap, .. } = &op.kind {
                 // Pushes combine per batch, which needs one cap per list.
                 if let Some(other) = caps.insert(field.clone(), *cap).filter(|c| c != cap) {
@@ -534,6 +545,24 @@ pub fn parse(file: &FsPath, source: &str) -> Result<Definition, DefError> {
         source: source.to_owned(),
         file: file.to_owned(),
     })
+}
+
+/// What a document projection cannot do.
+fn document_op(op: &OpKind) -> Result<(), String> {
+    match op {
+        OpKind::Rank { .. } => Err(
+            "rankings are key-value read models: put `rank`/`unrank` in a `store = \"redis\"` projection".into(),
+        ),
+        OpKind::CountDistinct { .. } => Err(
+            "`count_distinct` is a key-value operation (HyperLogLog): use a `store = \"redis\"` projection, or keep the values with `add` and count them".into(),
+        ),
+        _ => match op_field(op) {
+            Some((field, _)) if field.starts_with(RESERVED_PREFIX) => Err(format!(
+                "field `{field}`: names starting with `{RESERVED_PREFIX}` are reserved for refold's bookkeeping"
+            )),
+            _ => Ok(()),
+        },
+    }
 }
 
 fn op_field(op: &OpKind) -> Option<(&str, FieldKind)> {

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::def::{self, DefError, Definition};
 use super::fold::{self, DocReads, Input};
@@ -320,6 +320,12 @@ async fn run_partition(
             }
             Commit::Fenced { found } => {
                 fenced(g, partition, expected, found);
+                return Ok(Restart::Again);
+            }
+            Commit::Conflict => {
+                // A document moved under us; what is written stays written and is
+                // skipped when the batch is read and folded again.
+                debug!(projection = %g.id, partition, "document conflict; folding the batch again");
                 return Ok(Restart::Again);
             }
         }

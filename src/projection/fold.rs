@@ -89,13 +89,29 @@ impl Effects {
     }
 }
 
-/// Stored values of the `doc.` fields the definition reads, per key.
-pub type DocReads = HashMap<String, BTreeMap<String, Value>>;
+/// What the store holds for the keys a batch touches, read before [`fold`].
+#[derive(Debug, Clone, Default)]
+pub struct DocReads {
+    /// Key → stored field values: the `doc.` fields the definition reads (every
+    /// field, on document stores).
+    pub fields: HashMap<String, BTreeMap<String, Value>>,
+    /// Key → the offset up to which the batch's partition is already applied to
+    /// the stored document (document stores, whose writes are not atomic with the
+    /// checkpoint): the fold skips the key's changes from events before it.
+    pub applied: HashMap<String, u64>,
+}
 
-/// The keys whose `doc.` fields a batch may read (load them before [`fold`]).
+impl DocReads {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// The keys a batch must read before [`fold`]: those whose `doc.` fields it may
+/// read, and on document stores every key it touches (read, changed, rewritten).
 pub fn keys_to_read(def: &Definition, inputs: &[Input]) -> BTreeSet<String> {
     let mut keys = BTreeSet::new();
-    if def.doc_reads.is_empty() {
+    if !def.reads_before_fold() {
         return keys;
     }
     for input in inputs {
@@ -138,7 +154,7 @@ pub fn fold(def: &Definition, inputs: &[Input], stored: &DocReads) -> Effects {
         let Some(ops) = def.handlers.get(&env.event_type) else {
             continue;
         };
-        match apply_event(def, ops, env, stored, &mut fx) {
+        match apply_event(def, ops, env, input.offset, stored, &mut fx) {
             Ok(()) => fx.applied += 1,
             Err(reason) => {
                 let dl = DeadLetter {
@@ -174,6 +190,7 @@ fn apply_event(
     def: &Definition,
     ops: &[super::def::Op],
     env: &Envelope,
+    offset: u64,
     stored: &DocReads,
     fx: &mut Effects,
 ) -> Result<(), String> {
@@ -184,6 +201,10 @@ fn apply_event(
         for op in ops {
             let key_path = op.key.as_ref().unwrap_or(&def.key);
             let key = render_key(event_value(key_path, env), key_path)?;
+            if stored.applied.get(&key).is_some_and(|a| offset < *a) {
+                // Already in the stored document (an earlier attempt of this batch).
+                continue;
+            }
             if !saved.iter().any(|(k, _)| *k == key) {
                 saved.push((key.clone(), fx.docs.get(&key).cloned()));
             }
@@ -191,7 +212,7 @@ fn apply_event(
                 env,
                 key: &key,
                 delta: fx.docs.get(&key),
-                stored: stored.get(&key),
+                stored: stored.fields.get(&key),
                 def,
             };
             match &op.kind {
@@ -491,6 +512,13 @@ mod tests {
         fold(d, &inputs, &DocReads::new())
     }
 
+    fn reads(key: &str, fields: BTreeMap<String, Value>) -> DocReads {
+        DocReads {
+            fields: HashMap::from([(key.to_string(), fields)]),
+            applied: HashMap::new(),
+        }
+    }
+
     fn field<'a>(fx: &'a Effects, key: &str, f: &str) -> &'a FieldDelta {
         &fx.docs[key].fields[f]
     }
@@ -582,10 +610,7 @@ mod tests {
             "[[on.Pub]]\nop = \"set\"\nfield = \"tribe\"\nfrom = \"data.t\"\n[[on.Like]]\nop = \"rank\"\nranking = \"top:{doc.tribe}\"\n[[on.Unlike]]\nop = \"unrank\"\nranking = \"top:{doc.tribe}\"\nmember = \"{data.k}!\"\nby = 2\n",
         );
         // "p1" was published in an earlier batch (stored), "p2" in this one.
-        let stored = DocReads::from([(
-            "p1".to_string(),
-            BTreeMap::from([("tribe".to_string(), json!("t1"))]),
-        )]);
+        let stored = reads("p1", BTreeMap::from([("tribe".to_string(), json!("t1"))]));
         let inputs = vec![
             ev(0, "Like", json!({"k": "p1"})),
             ev(1, "Pub", json!({"k": "p2", "t": "t2"})),
@@ -625,10 +650,7 @@ mod tests {
         let d = def(
             "[[on.A]]\nop = \"incr\"\nfield = \"n\"\n[[on.S]]\nop = \"set\"\nfield = \"copy\"\nfrom = \"doc.n\"\n[[on.D]]\nop = \"delete\"\n",
         );
-        let stored = DocReads::from([(
-            "x".to_string(),
-            BTreeMap::from([("n".to_string(), json!(10))]),
-        )]);
+        let stored = reads("x", BTreeMap::from([("n".to_string(), json!(10))]));
         let inputs = vec![
             ev(0, "A", json!({"k": "x"})),
             ev(1, "S", json!({"k": "x"})),
@@ -732,5 +754,21 @@ mod tests {
             keys_to_read(&d, &inputs),
             BTreeSet::from(["a".to_string(), "c".to_string()])
         );
+    }
+
+    #[test]
+    fn a_key_skips_the_events_its_document_already_holds() {
+        let d = def("[[on.A]]\nop = \"incr\"\nfield = \"n\"\nkey = \"data.k\"\n");
+        // "x" holds this partition's events up to offset 2 (an earlier attempt of
+        // the batch wrote it, then the process died before the checkpoint).
+        let mut stored = reads("x", BTreeMap::from([("n".to_string(), json!(2))]));
+        stored.applied.insert("x".into(), 2);
+        let inputs: Vec<Input> = (0..4)
+            .map(|i| ev(i, "A", json!({"k": if i % 2 == 0 { "x" } else { "y" }})))
+            .collect();
+        let fx = fold(&d, &inputs, &stored);
+        assert_eq!(field(&fx, "x", "n"), &FieldDelta::Incr(1), "only offset 2 is new to x");
+        assert_eq!(field(&fx, "y", "n"), &FieldDelta::Incr(2));
+        assert_eq!(fx.applied, 4);
     }
 }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{
-    Commit, DEAD_LETTERS_KEPT, GenRef, KvSession, KvStore, Meta, Schema, StoreError, StoreResult,
+    Commit, DEAD_LETTERS_KEPT, GenRef, KvStore, Meta, Schema, Session, Store, StoreError, StoreResult,
     parse_json, with_defaults,
 };
 use crate::projection::fold::{DeadLetter, DocReads, Effects, FieldDelta};
@@ -267,7 +267,7 @@ macro_rules! drop_prefix {
 }
 
 #[async_trait]
-impl KvStore for EmbeddedKv {
+impl Store for EmbeddedKv {
     fn backend(&self) -> &'static str {
         "embedded"
     }
@@ -303,8 +303,8 @@ impl KvStore for EmbeddedKv {
         &self,
         generation: &GenRef,
         partition: u32,
-    ) -> StoreResult<Box<dyn KvSession>> {
-        Ok(Box::new(Session {
+    ) -> StoreResult<Box<dyn Session>> {
+        Ok(Box::new(RedbSession {
             db: self.db.clone(),
             gid: gen_id(generation),
             partition,
@@ -345,34 +345,6 @@ impl KvStore for EmbeddedKv {
         Ok(doc.map(|d| render(schema, d)))
     }
 
-    async fn ranking(
-        &self,
-        generation: &GenRef,
-        name: &str,
-        limit: usize,
-    ) -> StoreResult<Vec<(String, f64)>> {
-        let (gid, name) = (gen_id(generation), name.to_owned());
-        self.blocking(move |db| {
-            let txn = db.begin_read()?;
-            let idx = txn.open_table(RANK_IDX)?;
-            let rank = txn.open_table(RANK)?;
-            let lo = (gid.as_str(), name.as_str(), 0u64, "");
-            let hi_name = after(&name);
-            let hi = (gid.as_str(), hi_name.as_str(), 0u64, "");
-            let mut out = Vec::new();
-            for entry in idx.range(lo..hi)?.rev().take(limit) {
-                let (k, _) = entry?;
-                let (_, _, _, member) = k.value();
-                let score = rank
-                    .get((gid.as_str(), name.as_str(), member))?
-                    .map(|v| v.value())
-                    .unwrap_or(0.0);
-                out.push((member.to_owned(), score));
-            }
-            Ok(out)
-        })
-        .await
-    }
 
     async fn dead_letters(
         &self,
@@ -442,14 +414,46 @@ impl KvStore for EmbeddedKv {
     }
 }
 
-struct Session {
+#[async_trait]
+impl KvStore for EmbeddedKv {
+    async fn ranking(
+        &self,
+        generation: &GenRef,
+        name: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<(String, f64)>> {
+        let (gid, name) = (gen_id(generation), name.to_owned());
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let idx = txn.open_table(RANK_IDX)?;
+            let rank = txn.open_table(RANK)?;
+            let lo = (gid.as_str(), name.as_str(), 0u64, "");
+            let hi_name = after(&name);
+            let hi = (gid.as_str(), hi_name.as_str(), 0u64, "");
+            let mut out = Vec::new();
+            for entry in idx.range(lo..hi)?.rev().take(limit) {
+                let (k, _) = entry?;
+                let (_, _, _, member) = k.value();
+                let score = rank
+                    .get((gid.as_str(), name.as_str(), member))?
+                    .map(|v| v.value())
+                    .unwrap_or(0.0);
+                out.push((member.to_owned(), score));
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+struct RedbSession {
     db: Arc<Database>,
     gid: String,
     partition: u32,
 }
 
 #[async_trait]
-impl KvSession for Session {
+impl Session for RedbSession {
     async fn checkpoint(&mut self) -> StoreResult<Option<u64>> {
         let (gid, p) = (self.gid.clone(), self.partition);
         blocking(self.db.clone(), move |db| {
@@ -491,7 +495,7 @@ impl KvSession for Session {
                         _ => {}
                     }
                 }
-                out.insert(key, got);
+                out.fields.insert(key, got);
             }
             Ok(out)
         })

@@ -1,18 +1,31 @@
-//! The key-value read-model port, after Redis's semantics, and its adapters:
-//! [`redis::RedisStore`] and [`embedded::EmbeddedKv`] (redb).
+//! The read-model ports and their adapters.
+//!
+//! [`Store`] is what the engine needs of any read-model store: meta records,
+//! per-partition sessions that commit a batch with its checkpoint, dead letters and
+//! generations. Two ports extend it:
+//! - [`KvStore`], after Redis's semantics (counters, sets, rankings): adapters
+//!   [`redis::RedisStore`] and [`embedded::EmbeddedKv`] (redb);
+//! - [`doc::DocStore`], after Elasticsearch's (JSON documents, search): adapters
+//!   [`elastic::ElasticStore`] and [`embedded_docs::EmbeddedDocs`] (tantivy).
 //!
 //! Data is kept per *generation* of a projection ([`GenRef`]): a replay builds a
 //! new generation beside the live one, and the projection's [`Meta`] record says
 //! which generation is live; switching is one write of that record (I7).
 //!
 //! Checkpoints (I6): each generation keeps, per partition of the events topic, the
-//! next offset to read. [`KvSession::commit`] applies a batch's effects and moves
-//! the checkpoint in one atomic step, and only if the checkpoint still holds the
-//! value the worker last saw: a worker that was overtaken (another process took the
-//! partition, or the store lost its data) is *fenced* and told what it found,
-//! instead of applying its batch twice or on top of the wrong state.
+//! next offset to read. [`Session::commit`] applies a batch's effects and moves
+//! the checkpoint, and only if the checkpoint still holds the value the worker last
+//! saw: a worker that was overtaken (another process took the partition, or the
+//! store lost its data) is *fenced* and told what it found, instead of applying its
+//! batch twice or on top of the wrong state. Key-value stores do this in one atomic
+//! step; Elasticsearch cannot, so its documents carry the offset each partition
+//! applied up to ([`DocReads`] hands it to the fold, which skips what a
+//! document already holds) and its checkpoint is written after the data.
 
+pub mod doc;
+pub mod elastic;
 pub mod embedded;
+pub mod embedded_docs;
 pub mod redis;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -63,14 +76,17 @@ pub struct Meta {
     pub building: Option<GenInfo>,
 }
 
-/// Outcome of [`KvSession::commit`].
+/// Outcome of [`Session::commit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Commit {
     Applied,
     /// The checkpoint was not what the worker expected: nothing was applied.
-    Fenced {
-        found: Option<u64>,
-    },
+    Fenced { found: Option<u64> },
+    /// A document changed between [`Session::read_fields`] and the commit (a
+    /// worker of another partition wrote it). Part of the batch may be applied and
+    /// the checkpoint did not move: read and fold the batch again; what the
+    /// documents already hold is skipped (document stores only).
+    Conflict,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,9 +107,10 @@ impl From<StoreError> for crate::error::ApiError {
     }
 }
 
+/// What the engine needs of a read-model store, whatever its kind.
 #[async_trait]
-pub trait KvStore: Send + Sync + 'static {
-    /// `"redis"` or `"embedded"`, for logs and status.
+pub trait Store: Send + Sync + 'static {
+    /// `"redis"`, `"elasticsearch"` or `"embedded"`, for logs and status.
     fn backend(&self) -> &'static str;
 
     async fn meta(&self, projection: &str) -> StoreResult<Meta>;
@@ -102,9 +119,9 @@ pub trait KvStore: Send + Sync + 'static {
     async fn put_meta(&self, projection: &str, meta: &Meta) -> StoreResult<()>;
 
     /// A session for the worker of one partition (Redis: its own connection,
-    /// since WATCH state belongs to a connection).
-    async fn session(&self, generation: &GenRef, partition: u32)
-    -> StoreResult<Box<dyn KvSession>>;
+    /// since WATCH state belongs to a connection). Creates the generation's storage
+    /// (an Elasticsearch index) when it does not exist yet.
+    async fn session(&self, generation: &GenRef, partition: u32) -> StoreResult<Box<dyn Session>>;
 
     /// Every partition's checkpoint (`None`: never written), for status.
     async fn checkpoints(
@@ -122,15 +139,6 @@ pub trait KvStore: Send + Sync + 'static {
         key: &str,
     ) -> StoreResult<Option<Map<String, Value>>>;
 
-    /// The top `limit` members of a ranking, highest score first (ties: member
-    /// descending, as Redis's ZREVRANGE).
-    async fn ranking(
-        &self,
-        generation: &GenRef,
-        name: &str,
-        limit: usize,
-    ) -> StoreResult<Vec<(String, f64)>>;
-
     /// How many dead letters the generation has, and the newest few (newest first).
     async fn dead_letters(
         &self,
@@ -146,20 +154,39 @@ pub trait KvStore: Send + Sync + 'static {
     async fn generations(&self, projection: &str) -> StoreResult<BTreeSet<u64>>;
 }
 
+/// The key-value port: Redis's semantics.
 #[async_trait]
-pub trait KvSession: Send {
+pub trait KvStore: Store {
+    /// The top `limit` members of a ranking, highest score first (ties: member
+    /// descending, as Redis's ZREVRANGE).
+    async fn ranking(
+        &self,
+        generation: &GenRef,
+        name: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<(String, f64)>>;
+}
+
+/// One partition's worker's access to one generation.
+#[async_trait]
+pub trait Session: Send {
     /// The partition's checkpoint: the next offset to read, `None` if never written.
     async fn checkpoint(&mut self) -> StoreResult<Option<u64>>;
 
-    /// The stored values of `fields` (set or counter fields) of `keys`.
+    /// The stored values of `fields` (set or counter fields) of `keys`. Document
+    /// stores return every field of each document, and the offset this session's
+    /// partition applied it up to; the engine reads every key a batch touches
+    /// before it commits there ([`keys_to_read`](super::fold::keys_to_read)).
     async fn read_fields(
         &mut self,
         keys: &BTreeSet<String>,
         fields: &[String],
     ) -> StoreResult<DocReads>;
 
-    /// Applies `effects` and sets the checkpoint to `next`, atomically, if the
-    /// checkpoint is still `expected`; otherwise applies nothing.
+    /// Applies `effects` and sets the checkpoint to `next` if the checkpoint is
+    /// still `expected`; otherwise applies nothing. Key-value stores do both in
+    /// one atomic step; document stores write the documents (stamped with `next`
+    /// for this partition) and then the checkpoint, so re-applying is harmless.
     async fn commit(
         &mut self,
         expected: Option<u64>,

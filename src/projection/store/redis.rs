@@ -20,7 +20,7 @@
 //!
 //! A commit WATCHes the partition's checkpoint key, checks it, and applies the
 //! batch and the new checkpoint in one MULTI/EXEC: the data and the checkpoint move
-//! together or not at all (I6). Each [`KvSession`] owns its connection, since WATCH
+//! together or not at all (I6). Each [`Session`] owns its connection, since WATCH
 //! state belongs to a connection.
 //!
 //! Connections are re-established after a connection error (the next call
@@ -40,7 +40,7 @@ use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 
 use super::{
-    Commit, DEAD_LETTERS_KEPT, GenRef, KvSession, KvStore, Meta, Schema, StoreError, StoreResult,
+    Commit, DEAD_LETTERS_KEPT, GenRef, KvStore, Meta, Schema, Session, Store, StoreError, StoreResult,
     parse_json, with_defaults,
 };
 use crate::projection::def::FieldKind;
@@ -102,7 +102,7 @@ impl RedisStore {
 }
 
 #[async_trait]
-impl KvStore for RedisStore {
+impl Store for RedisStore {
     fn backend(&self) -> &'static str {
         "redis"
     }
@@ -131,7 +131,7 @@ impl KvStore for RedisStore {
         &self,
         generation: &GenRef,
         partition: u32,
-    ) -> StoreResult<Box<dyn KvSession>> {
+    ) -> StoreResult<Box<dyn Session>> {
         let link = Link::new(self.client.clone());
         link.conn().await?; // fail now rather than on first use
         let keys = self.keys(generation);
@@ -222,23 +222,6 @@ impl KvStore for RedisStore {
         Ok(Some(with_defaults(schema, out)))
     }
 
-    async fn ranking(
-        &self,
-        generation: &GenRef,
-        name: &str,
-        limit: usize,
-    ) -> StoreResult<Vec<(String, f64)>> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let cmd = redis::cmd("ZREVRANGE")
-            .arg(self.keys(generation).rank(name))
-            .arg(0)
-            .arg(limit as i64 - 1)
-            .arg("WITHSCORES")
-            .to_owned();
-        self.link.query(&cmd).await
-    }
 
     async fn dead_letters(
         &self,
@@ -305,6 +288,27 @@ impl KvStore for RedisStore {
     }
 }
 
+#[async_trait]
+impl KvStore for RedisStore {
+    async fn ranking(
+        &self,
+        generation: &GenRef,
+        name: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<(String, f64)>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let cmd = redis::cmd("ZREVRANGE")
+            .arg(self.keys(generation).rank(name))
+            .arg(0)
+            .arg(limit as i64 - 1)
+            .arg("WITHSCORES")
+            .to_owned();
+        self.link.query(&cmd).await
+    }
+}
+
 /// The worker of one partition: its own connection, for WATCH.
 struct RedisSession {
     keys: Keys,
@@ -313,7 +317,7 @@ struct RedisSession {
 }
 
 #[async_trait]
-impl KvSession for RedisSession {
+impl Session for RedisSession {
     async fn checkpoint(&mut self) -> StoreResult<Option<u64>> {
         self.link.query(redis::cmd("GET").arg(&self.ckpt)).await
     }
@@ -341,7 +345,7 @@ impl KvSession for RedisSession {
                     .filter_map(|(f, v)| v.map(|text| (f.clone(), parse_json(&text))))
                     .collect();
                 if !got.is_empty() {
-                    out.insert((*key).clone(), got);
+                    out.fields.insert((*key).clone(), got);
                 }
             }
         }
