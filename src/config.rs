@@ -129,6 +129,10 @@ pub struct Settings {
     /// Most events a projection folds into one store write [default: 1000]
     #[arg(long, env = "REFOLD_PROJECTION_BATCH", value_name = "N")]
     pub projection_batch: Option<usize>,
+    /// Keep every event in the built-in `stream_history` document projection, for
+    /// GET /streams/{stream}/events [default: true]
+    #[arg(long, env = "REFOLD_STREAM_HISTORY", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub stream_history: Option<bool>,
 }
 
 macro_rules! layer {
@@ -158,7 +162,8 @@ impl Settings {
             idempotency_window,
             kafka_timeout_ms,
             snapshot_every,
-            projection_batch
+            projection_batch,
+            stream_history
         )
     }
 
@@ -227,6 +232,7 @@ pub struct Config {
     pub kafka_timeout: Duration,
     pub snapshot_every: u64,
     pub projection_batch: usize,
+    pub stream_history: bool,
 }
 
 impl Config {
@@ -278,6 +284,7 @@ impl Config {
             kafka_timeout: Duration::from_millis(s.kafka_timeout_ms.unwrap_or(10_000).max(1000)),
             snapshot_every: s.snapshot_every.unwrap_or(10_000).max(1),
             projection_batch: positive("projection_batch", s.projection_batch, 1000)?,
+            stream_history: s.stream_history.unwrap_or(true),
         })
     }
 

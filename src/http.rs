@@ -29,8 +29,12 @@ pub struct AppState {
 
 pub fn app(state: AppState) -> Router {
     Router::new()
-        .route("/streams/{stream}/events", post(append_to_stream))
+        .route(
+            "/streams/{stream}/events",
+            post(append_to_stream).get(query::stream_events),
+        )
         .route("/events", post(append_bulk))
+        .route("/views/{projection}", get(query::search))
         .route("/views/{projection}/{key}", get(query::view))
         .route("/views/{projection}/rankings/{name}", get(query::ranking))
         .route("/projections", get(query::list))

@@ -1,4 +1,5 @@
-//! Migrations: the log's topics, declared in `migrations/*.toml`, applied once.
+//! Migrations: the log's topics and the document projections' indexes, declared in
+//! `migrations/*.toml`, applied once.
 //!
 //! Files are applied in name order (`0001_event_log.toml`, `0002_...`). Applying a
 //! file creates its topics, or checks that existing ones have the declared
@@ -6,6 +7,13 @@
 //! `{prefix}migrations`. A recorded file that changed afterwards is an error: add a
 //! new file instead. Topic names in files are logical (`events`); the configured
 //! prefix is prepended (`refold.events`).
+//!
+//! `[[indexes]]` declare the index of a document projection: its mapped fields
+//! (`text`, `keyword`, `long`, `double`, `boolean`) and Elasticsearch settings.
+//! Each generation's index is created from it when the generation starts (at first
+//! start, and at every replay), so a change takes a new file and a version bump of
+//! the projection; a later file's declaration of a projection replaces an earlier
+//! one ([`index_specs`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +24,8 @@ use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use crate::log::{Created, EventLog, ProduceRecord, Record, TopicSpec, scan};
+use crate::projection::def::RESERVED_PREFIX;
+use crate::projection::store::doc::{FieldType, IndexSpec, Specs};
 
 /// Logical names of the topics refold itself needs.
 pub const EVENTS: &str = "events";
@@ -30,6 +40,18 @@ struct MigrationFile {
     description: Option<String>,
     #[serde(default)]
     topics: Vec<TopicSpec>,
+    #[serde(default)]
+    indexes: Vec<IndexDecl>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IndexDecl {
+    projection: String,
+    #[serde(default)]
+    fields: BTreeMap<String, FieldType>,
+    #[serde(default)]
+    settings: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone)]
@@ -39,6 +61,16 @@ pub struct Migration {
     pub checksum: String,
     /// Topics with their logical names.
     pub topics: Vec<TopicSpec>,
+    /// Document projection → its index.
+    pub indexes: Vec<(String, IndexSpec)>,
+}
+
+/// The index declaration of every document projection: the last file's wins.
+pub fn index_specs(migrations: &[Migration]) -> Specs {
+    migrations
+        .iter()
+        .flat_map(|m| m.indexes.iter().cloned())
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -111,11 +143,31 @@ pub fn load(dir: &Path) -> anyhow::Result<Vec<Migration>> {
                 );
             }
         }
+        let mut indexes = Vec::new();
+        for ix in file.indexes {
+            let bad = ix
+                .fields
+                .keys()
+                .find(|f| f.is_empty() || f.starts_with(RESERVED_PREFIX) || f.contains('.'));
+            if let Some(f) = bad {
+                bail!(
+                    "{}: index of {}: field name {f:?} is empty, has a `.`, or starts with the reserved `{RESERVED_PREFIX}`",
+                    path.display(),
+                    ix.projection
+                );
+            }
+            let spec = IndexSpec {
+                fields: ix.fields,
+                settings: ix.settings,
+            };
+            indexes.push((ix.projection, spec));
+        }
         out.push(Migration {
             id,
             path,
             checksum: format!("{:016x}", fnv1a(text.as_bytes())),
             topics: file.topics,
+            indexes,
         });
     }
     if out.is_empty() {
@@ -298,7 +350,18 @@ mod tests {
                 .flat_map(|m| &m.topics)
                 .any(|t| t.name == EVENTS && t.is_compacted())
         );
+        let specs = index_specs(&ms);
+        assert_eq!(specs["posts"].fields["title"], FieldType::Text);
+        assert_eq!(specs["users"].fields["tribes"], FieldType::Keyword);
         let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("0002_ix.toml"),
+            "[[indexes]]\nprojection = \"p\"\nfields = { title = \"txt\" }\n",
+        )
+        .unwrap();
+        let err = load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("0002_ix.toml") && err.contains("txt"), "{err}");
+        std::fs::remove_file(dir.path().join("0002_ix.toml")).unwrap();
         std::fs::write(
             dir.path().join("0001_x.toml"),
             "[[topics]]\nname = \"a\"\npartitions = 1\nbogus = 2\n",

@@ -21,10 +21,15 @@ use crate::log::EventLog;
 use crate::log::embedded::EmbeddedLog;
 use crate::log::kafka::KafkaLog;
 use crate::migrate;
+use crate::projection::def::{Definition, StoreKind};
 use crate::projection::engine::{self, Engine, EngineConfig};
-use crate::projection::store::KvStore;
+use crate::projection::history;
+use crate::projection::store::doc::{DocStore, Specs};
+use crate::projection::store::elastic::ElasticStore;
 use crate::projection::store::embedded::EmbeddedKv;
+use crate::projection::store::embedded_docs::EmbeddedDocs;
 use crate::projection::store::redis::RedisStore;
+use crate::projection::store::{KvStore, Stores};
 use crate::writer::{Writer, WriterConfig, WriterTask};
 
 /// Opens the configured event log.
@@ -51,6 +56,55 @@ pub async fn open_kv(config: &Config) -> anyhow::Result<Arc<dyn KvStore>> {
                 .with_context(|| format!("cannot use Redis at {url} (--redis-url)"))?,
         ),
         None => Arc::new(EmbeddedKv::open(&config.data_dir)?),
+    })
+}
+
+/// Opens the document read-model store: Elasticsearch when `--elasticsearch-url`
+/// is set, the embedded stand-in under the data directory otherwise.
+pub async fn open_docs(config: &Config, specs: Specs) -> anyhow::Result<Arc<dyn DocStore>> {
+    Ok(match &config.elasticsearch_url {
+        Some(url) => Arc::new(
+            ElasticStore::connect(url, &config.topic_prefix, specs)
+                .await
+                .with_context(|| format!("cannot use Elasticsearch at {url} (--elasticsearch-url)"))?,
+        ),
+        None => Arc::new(EmbeddedDocs::open(&config.data_dir, specs)?),
+    })
+}
+
+/// The projections of `--projections`, plus the built-in stream history unless
+/// it is switched off.
+pub fn load_projections(config: &Config) -> anyhow::Result<Vec<Definition>> {
+    let mut defs = engine::load_dir(&config.projections)?;
+    if let Some(d) = defs.iter().find(|d| d.name == history::NAME) {
+        anyhow::bail!(
+            "{}: the name `{}` is taken by the built-in stream history; rename the projection",
+            d.file.display(),
+            history::NAME
+        );
+    }
+    if config.stream_history {
+        defs.push(history::definition());
+    }
+    Ok(defs)
+}
+
+/// Opens the stores the projections need (and only those).
+pub async fn open_stores(
+    config: &Config,
+    defs: &[Definition],
+    specs: &Specs,
+) -> anyhow::Result<Stores> {
+    let needs = |k: StoreKind| defs.iter().any(|d| d.store == k);
+    Ok(Stores {
+        kv: match needs(StoreKind::Redis) {
+            true => Some(open_kv(config).await?),
+            false => None,
+        },
+        docs: match needs(StoreKind::Elasticsearch) {
+            true => Some(open_docs(config, specs.clone()).await?),
+            false => None,
+        },
     })
 }
 
@@ -85,15 +139,13 @@ impl Refold {
         } else {
             migrate::check(&*log, &migrations, &config.topic_prefix).await?;
         }
-        let defs = engine::load_dir(&config.projections)?;
+        let defs = load_projections(config)?;
         if defs.is_empty() {
             warn!(dir = %config.projections.display(), "no projection definitions found; only ingest is served");
         }
-        let store = if defs.is_empty() {
-            None
-        } else {
-            Some(open_kv(config).await?)
-        };
+        let mut specs = migrate::index_specs(&migrations);
+        specs.insert(history::NAME.to_string(), history::spec());
+        let stores = open_stores(config, &defs, &specs).await?;
         let events = config.topic(migrate::EVENTS);
         let partitions = log
             .describe_topic(&events)
@@ -102,12 +154,13 @@ impl Refold {
             .partitions;
         let engine = Engine::start(
             log.clone(),
-            store,
+            stores,
             defs,
             EngineConfig {
                 topic: events,
                 partitions,
                 batch: config.projection_batch,
+                specs,
             },
         )
         .await?;

@@ -279,9 +279,20 @@ pub struct Definition {
     pub file: PathBuf,
 }
 
+/// The handler key that takes every event type without a handler of its own.
+pub const ANY_TYPE: &str = "*";
+
 impl Definition {
     pub fn handles(&self, event_type: &str) -> bool {
-        self.handlers.contains_key(event_type)
+        self.ops_for(event_type).is_some()
+    }
+
+    /// The operations an event of `event_type` runs: its own, or those of `on."*"`.
+    pub fn ops_for(&self, event_type: &str) -> Option<&[Op]> {
+        self.handlers
+            .get(event_type)
+            .or_else(|| self.handlers.get(ANY_TYPE))
+            .map(Vec::as_slice)
     }
 
     /// Whether a batch reads the stored read model before it is folded: for
@@ -466,7 +477,7 @@ pub fn parse(file: &FsPath, source: &str) -> Result<Definition, DefError> {
     let mut doc_reads: Vec<(String, usize)> = Vec::new();
     let mut caps: BTreeMap<String, usize> = BTreeMap::new();
     for (event_type, ops) in raw.on {
-        if crate::event::validate_type(&event_type).is_err() {
+        if event_type != ANY_TYPE && crate::event::validate_type(&event_type).is_err() {
             return Err(err(
                 ops.first().map_or(0, |op| op.span().start),
                 format!("`on.{event_type}`: not a valid event type name"),
@@ -811,8 +822,20 @@ ranking = "top:{doc.tribe_id}"
     }
 
     #[test]
+    fn on_star_takes_the_types_without_a_handler_of_their_own() {
+        let d = load(
+            "p",
+            "name = \"p\"\nversion = 1\nstore = \"elasticsearch\"\nkey = \"id\"\n[[on.\"*\"]]\nop = \"set\"\nfield = \"t\"\nfrom = \"type\"\n[[on.A]]\nop = \"delete\"\n",
+        )
+        .unwrap();
+        assert!(matches!(d.ops_for("A").unwrap()[0].kind, OpKind::Delete));
+        assert!(matches!(d.ops_for("B").unwrap()[0].kind, OpKind::Set { .. }));
+        assert!(d.reads_before_fold(), "document projections read before they fold");
+    }
+
+    #[test]
     fn the_demo_definitions_load() {
-        for def in ["post_stats", "tribe_feed"] {
+        for def in ["post_stats", "tribe_feed", "posts", "users"] {
             let file =
                 FsPath::new(env!("CARGO_MANIFEST_DIR")).join(format!("projections/{def}.toml"));
             let text = std::fs::read_to_string(&file).unwrap();
@@ -824,6 +847,21 @@ ranking = "top:{doc.tribe_id}"
     #[test]
     fn bad_definitions_name_file_line_and_reason() {
         let cases: &[(&str, usize, &str)] = &[
+            (
+                "name = \"p\"\nversion = 1\nstore = \"elasticsearch\"\nkey = \"data.x\"\n[[on.A]]\nop = \"rank\"\nranking = \"r\"\n",
+                5,
+                "rankings are key-value",
+            ),
+            (
+                "name = \"p\"\nversion = 1\nstore = \"elasticsearch\"\nkey = \"data.x\"\n[[on.A]]\nop = \"count_distinct\"\nfield = \"u\"\nfrom = \"data.u\"\n",
+                5,
+                "count_distinct",
+            ),
+            (
+                "name = \"p\"\nversion = 1\nstore = \"elasticsearch\"\nkey = \"data.x\"\n[[on.A]]\nop = \"set\"\nfield = \"refold_key\"\nvalue = 1\n",
+                5,
+                "reserved",
+            ),
             (
                 "name = \"p\"\nversion = 1\nstore = \"redis\"\nkey = \"data.x\"\n[[on.A]]\nop = \"explode\"\n",
                 6,

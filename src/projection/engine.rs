@@ -36,7 +36,9 @@ use tracing::{debug, info, warn};
 
 use super::def::{self, DefError, Definition};
 use super::fold::{self, DocReads, Input};
-use super::store::{Commit, GenInfo, GenRef, KvStore, Meta, StoreError};
+use super::def::StoreKind;
+use super::store::doc::{IndexSpec, Specs};
+use super::store::{Commit, GenInfo, GenRef, Meta, ReadStore, Store, StoreError, Stores};
 use crate::error::ApiError;
 use crate::event::Envelope;
 use crate::log::{ConsumedRecord, EventLog};
@@ -68,6 +70,9 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Definition>, DefError> {
 }
 
 pub fn load_file(file: &Path) -> Result<Definition, DefError> {
+    if file == Path::new(super::history::FILE) {
+        return Ok(super::history::definition());
+    }
     let source = std::fs::read_to_string(file).map_err(|e| DefError {
         file: file.display().to_string(),
         line: 0,
@@ -114,7 +119,7 @@ pub struct Generation {
     pub info: GenInfo,
     pub id: GenRef,
     pub def: Arc<Definition>,
-    store: Arc<dyn KvStore>,
+    store: Arc<dyn Store>,
     /// Next offset to read per partition, as committed.
     applied: watch::Sender<Vec<u64>>,
     stop: watch::Sender<bool>,
@@ -128,7 +133,7 @@ pub struct Generation {
 impl Generation {
     fn start(
         ctx: &Arc<Ctx>,
-        store: Arc<dyn KvStore>,
+        store: Arc<dyn Store>,
         info: GenInfo,
         def: Arc<Definition>,
     ) -> Arc<Self> {
@@ -274,7 +279,7 @@ async fn run_partition(
         let last = batch.records.last().map(|r| r.offset).unwrap_or(next);
         let upto = batch.next_offset.max(last + 1);
         let inputs: Vec<Input> = batch.records.into_iter().filter_map(decode).collect();
-        let reads = if g.def.doc_reads.is_empty() {
+        let reads = if !g.def.reads_before_fold() {
             None
         } else {
             let keys = fold::keys_to_read(&g.def, &inputs);
@@ -358,7 +363,10 @@ struct Replay {
 /// A projection: its live generation and, during a replay, the one being built.
 pub struct Projection {
     pub name: String,
-    store: Arc<dyn KvStore>,
+    /// The index declaration of a document projection (from `migrations/`).
+    pub spec: IndexSpec,
+    read_store: ReadStore,
+    store: Arc<dyn Store>,
     ctx: Arc<Ctx>,
     live: RwLock<Arc<Generation>>,
     replay: tokio::sync::Mutex<Option<Replay>>,
@@ -371,8 +379,13 @@ impl Projection {
         self.live.read().unwrap().clone()
     }
 
-    pub fn store(&self) -> &Arc<dyn KvStore> {
+    pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// The store by port: rankings on key-value stores, search on document stores.
+    pub fn read_store(&self) -> &ReadStore {
+        &self.read_store
     }
 
     /// Starts a replay with the definition file as it is now on disk.
@@ -699,6 +712,8 @@ pub struct EngineConfig {
     pub topic: String,
     pub partitions: u32,
     pub batch: usize,
+    /// Index declarations of document projections, from `migrations/`.
+    pub specs: Specs,
 }
 
 impl Engine {
@@ -706,7 +721,7 @@ impl Engine {
     /// starts (or resumes) a replay when the version changed.
     pub async fn start(
         log: Arc<dyn EventLog>,
-        store: Option<Arc<dyn KvStore>>,
+        stores: Stores,
         defs: Vec<Definition>,
         cfg: EngineConfig,
     ) -> anyhow::Result<Self> {
@@ -719,10 +734,19 @@ impl Engine {
         });
         let mut projections = BTreeMap::new();
         for def in defs {
-            let store = store
-                .clone()
-                .ok_or_else(|| anyhow::anyhow!("no key-value store for projection {}", def.name))?;
-            let p = Self::start_one(&ctx, store, def).await?;
+            let store = match def.store {
+                StoreKind::Redis => stores.kv.clone().map(ReadStore::Kv),
+                StoreKind::Elasticsearch => stores.docs.clone().map(ReadStore::Doc),
+            }
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no {} store for projection {}",
+                    def.store.as_str(),
+                    def.name
+                )
+            })?;
+            let spec = cfg.specs.get(&def.name).cloned().unwrap_or_default();
+            let p = Self::start_one(&ctx, store, spec, def).await?;
             projections.insert(p.name.clone(), p);
         }
         Ok(Self { projections, ctx })
@@ -730,9 +754,11 @@ impl Engine {
 
     async fn start_one(
         ctx: &Arc<Ctx>,
-        store: Arc<dyn KvStore>,
+        read_store: ReadStore,
+        spec: IndexSpec,
         def: Definition,
     ) -> anyhow::Result<Arc<Projection>> {
+        let store = read_store.base();
         let name = def.name.clone();
         let meta = store
             .meta(&name)
@@ -764,15 +790,17 @@ impl Engine {
             live: Some(live_info.clone()),
             building: meta.building.clone(),
         };
-        if new_meta != meta {
-            store
-                .put_meta(&name, &new_meta)
-                .await
-                .map_err(|e| anyhow::anyhow!("projection {name}: {e}"))?;
-        }
+        // Written even when unchanged: a document store also points the alias at
+        // the live generation here, which a crash may have left behind.
+        store
+            .put_meta(&name, &new_meta)
+            .await
+            .map_err(|e| anyhow::anyhow!("projection {name}: {e}"))?;
         let live = Generation::start(ctx, store.clone(), live_info.clone(), Arc::new(live_def));
         let p = Arc::new(Projection {
             name: name.clone(),
+            spec,
+            read_store,
             store: store.clone(),
             ctx: ctx.clone(),
             live: RwLock::new(live),

@@ -116,7 +116,7 @@ pub fn keys_to_read(def: &Definition, inputs: &[Input]) -> BTreeSet<String> {
     }
     for input in inputs {
         let Ok(env) = &input.event else { continue };
-        let Some(ops) = def.handlers.get(&env.event_type) else {
+        let Some(ops) = def.ops_for(&env.event_type) else {
             continue;
         };
         for op in ops {
@@ -151,7 +151,7 @@ pub fn fold(def: &Definition, inputs: &[Input], stored: &DocReads) -> Effects {
                 continue;
             }
         };
-        let Some(ops) = def.handlers.get(&env.event_type) else {
+        let Some(ops) = def.ops_for(&env.event_type) else {
             continue;
         };
         match apply_event(def, ops, env, input.offset, stored, &mut fx) {

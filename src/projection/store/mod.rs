@@ -30,6 +30,7 @@ pub mod redis;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -105,6 +106,32 @@ impl From<StoreError> for crate::error::ApiError {
     fn from(e: StoreError) -> Self {
         Self::StoreUnavailable(e.to_string())
     }
+}
+
+/// A projection's store, by port.
+#[derive(Clone)]
+pub enum ReadStore {
+    Kv(Arc<dyn KvStore>),
+    Doc(Arc<dyn doc::DocStore>),
+}
+
+impl ReadStore {
+    /// What the engine uses of either.
+    pub fn base(&self) -> Arc<dyn Store> {
+        match self {
+            ReadStore::Kv(s) => s.clone(),
+            ReadStore::Doc(s) => s.clone(),
+        }
+    }
+}
+
+/// The stores a service runs its projections on, by kind.
+#[derive(Clone, Default)]
+pub struct Stores {
+    /// For `store = "redis"` projections.
+    pub kv: Option<Arc<dyn KvStore>>,
+    /// For `store = "elasticsearch"` projections.
+    pub docs: Option<Arc<dyn doc::DocStore>>,
 }
 
 /// What the engine needs of a read-model store, whatever its kind.
