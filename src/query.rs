@@ -22,9 +22,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
+use crate::event::validate_stream;
 use crate::http::AppState;
 use crate::position::Position;
-use crate::event::validate_stream;
 use crate::projection::engine::{Generation, Projection};
 use crate::projection::history;
 use crate::projection::store::ReadStore;
@@ -154,7 +154,9 @@ pub async fn ranking(
     let ReadStore::Kv(store) = p.read_store() else {
         return Err(ApiError::invalid(
             "projection",
-            format!("{name} is a document projection: it has no rankings; search it with GET /views/{name}?q=..."),
+            format!(
+                "{name} is a document projection: it has no rankings; search it with GET /views/{name}?q=..."
+            ),
         ));
     };
     let top = store.ranking(&g.id, &ranking, limit).await?;
@@ -336,7 +338,10 @@ fn parse_search(spec: &IndexSpec, q: &HashMap<String, String>) -> Result<Search,
     }
     let sort = parse_sort(spec, q.get("sort"), text.is_some())?;
     let limit = number(q, "limit", doc::DEFAULT_LIMIT, doc::MAX_LIMIT)?.max(1);
-    let after = q.get("cursor").map(|c| parse_cursor(&sort, c)).transpose()?;
+    let after = q
+        .get("cursor")
+        .map(|c| parse_cursor(&sort, c))
+        .transpose()?;
     Ok(Search {
         text,
         filters,
@@ -412,9 +417,18 @@ pub async fn stream_events(
         after: None,
     };
     let page = store.search(&g.id, &search).await?;
-    let events: Vec<Value> = page.hits.into_iter().map(|h| Value::Object(h.doc)).collect();
+    let events: Vec<Value> = page
+        .hits
+        .into_iter()
+        .map(|h| Value::Object(h.doc))
+        .collect();
     let next = (events.len() == limit)
-        .then(|| events.last().and_then(|e| e["version"].as_u64()).map(|v| v + 1))
+        .then(|| {
+            events
+                .last()
+                .and_then(|e| e["version"].as_u64())
+                .map(|v| v + 1)
+        })
         .flatten();
     Ok(Json(json!({
         "stream": stream,
@@ -452,13 +466,22 @@ mod tests {
     fn a_valid_search_becomes_a_typed_request() {
         let s = parse_search(
             &spec(),
-            &q(&[("q", " rust  tips "), ("tribe_id", "t1"), ("likes", "3"), ("sort", "-likes"), ("limit", "5")]),
+            &q(&[
+                ("q", " rust  tips "),
+                ("tribe_id", "t1"),
+                ("likes", "3"),
+                ("sort", "-likes"),
+                ("limit", "5"),
+            ]),
         )
         .unwrap();
         assert_eq!(s.text.as_deref(), Some("rust  tips"));
         assert_eq!(
             s.filters,
-            vec![("likes".to_string(), json!(3)), ("tribe_id".to_string(), json!("t1"))]
+            vec![
+                ("likes".to_string(), json!(3)),
+                ("tribe_id".to_string(), json!("t1"))
+            ]
         );
         assert_eq!(s.sort, Sort::Field("likes".into(), Order::Desc));
         assert_eq!(s.limit, 5);

@@ -66,7 +66,9 @@ pub async fn open_docs(config: &Config, specs: Specs) -> anyhow::Result<Arc<dyn 
         Some(url) => Arc::new(
             ElasticStore::connect(url, &config.topic_prefix, specs)
                 .await
-                .with_context(|| format!("cannot use Elasticsearch at {url} (--elasticsearch-url)"))?,
+                .with_context(|| {
+                    format!("cannot use Elasticsearch at {url} (--elasticsearch-url)")
+                })?,
         ),
         None => Arc::new(EmbeddedDocs::open(&config.data_dir, specs)?),
     })

@@ -16,8 +16,8 @@ use common::{Proc, unique};
 use refold::config::{Config, LogBackend, Settings};
 use refold::demo::{DemoConfig, DemoEvent, Generator};
 use refold::position::Position;
-use refold::projection::engine::{self, Engine, EngineConfig};
-use refold::server::{Refold, open_kv, open_log};
+use refold::projection::engine::{Engine, EngineConfig};
+use refold::server::{Refold, load_projections, open_kv, open_log, open_stores};
 use serde_json::{Value, json};
 
 const PARTITIONS: u32 = 3;
@@ -196,7 +196,67 @@ async fn check_models(
             _ => return Err(format!("tribe_feed {tribe}: {status} {feed}")),
         }
     }
+    check_documents(api, oracle, &q).await
+}
+
+/// The document models `posts` and `users` equal the oracle, key by key, and
+/// their listings hold exactly the oracle's keys.
+async fn check_documents(api: &Api, oracle: &Oracle, q: &str) -> Result<(), String> {
+    for post in oracle.post_doc_ids() {
+        let want = oracle.post_doc(&post).unwrap();
+        let (status, got) = api.get(&format!("/views/posts/{post}?{q}")).await;
+        if (status, &got) != (200, &want) {
+            return Err(format!("posts {post}: got {status} {got}, want {want}"));
+        }
+    }
+    for user in oracle.user_ids() {
+        let want = oracle.user_doc(&user).unwrap();
+        let (status, got) = api.get(&format!("/views/users/{user}?{q}")).await;
+        if (status, &got) != (200, &want) {
+            return Err(format!("users {user}: got {status} {got}, want {want}"));
+        }
+    }
+    for (projection, want) in [
+        ("posts", oracle.post_doc_ids()),
+        ("users", oracle.user_ids()),
+    ] {
+        let got = list_keys(api, &format!("/views/{projection}?{q}&limit=100")).await?;
+        if got != want {
+            return Err(format!(
+                "listing {projection}: {} keys, want {}",
+                got.len(),
+                want.len()
+            ));
+        }
+    }
     Ok(())
+}
+
+/// Every hit's key of a search, following its cursors to the end.
+async fn list_keys(api: &Api, uri: &str) -> Result<Vec<String>, String> {
+    let mut keys = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = match &cursor {
+            Some(c) => format!("{uri}&cursor={c}"),
+            None => uri.to_owned(),
+        };
+        let (status, b) = api.get(&page).await;
+        if status != 200 {
+            return Err(format!("{page}: {status} {b}"));
+        }
+        keys.extend(
+            b["hits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| h["key"].as_str().unwrap().to_owned()),
+        );
+        match b["cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return Ok(keys),
+        }
+    }
 }
 
 fn config(settings: Settings) -> Config {
@@ -223,6 +283,7 @@ fn kafka_redis(dir: &Path, redis: &str) -> Config {
         topic_prefix: Some(format!("{}.", unique("proj"))),
         auto_migrate: Some(true),
         redis_url: Some(redis.to_owned()),
+        elasticsearch_url: Some(common::elasticsearch_url()),
         ..Default::default()
     })
 }
@@ -270,14 +331,17 @@ async fn kafka_redis_read_models_equal_the_oracle_with_a_competing_engine() {
     let dir = tempfile::tempdir().unwrap();
     let config = kafka_redis(dir.path(), &common::redis_url());
     let (r, api) = start(&config).await;
+    let defs = load_projections(&config).unwrap();
+    let specs = r.state.engine.specs();
     let rival = Engine::start(
         r.log.clone(),
-        Some(open_kv(&config).await.unwrap()),
-        engine::load_dir(&config.projections).unwrap(),
+        open_stores(&config, &defs, &specs).await.unwrap(),
+        defs,
         EngineConfig {
             topic: config.topic("events"),
             partitions: PARTITIONS,
             batch: 50,
+            specs,
         },
     )
     .await
@@ -589,11 +653,13 @@ async fn sigkill_while_projecting(dir: &Path, args: &[&str], approx: bool) {
     let with_small_batches = [args, &["--projection-batch", "7"]].concat();
     let (mut p, api) = serve_embedded(dir, &with_small_batches).await;
     let (oracle, pos) = seeded(&api, 6, 3000).await;
-    let s = status(&api, "post_stats").await;
-    assert!(
-        s["lag"].as_u64().unwrap() > 0 && s["events"].as_u64().unwrap() > 0,
-        "kill in the middle: {s}"
-    );
+    for name in ["post_stats", "posts"] {
+        let s = status(&api, name).await;
+        assert!(
+            s["lag"].as_u64().unwrap() > 0 && s["events"].as_u64().unwrap() > 0,
+            "kill in the middle of {name}: {s}"
+        );
+    }
     p.kill9();
     let (_p, api) = serve_embedded(dir, args).await;
     check_models(&api, &oracle, &pos, approx).await.unwrap();
@@ -608,7 +674,11 @@ async fn sigkill_while_projecting_then_restart_matches_the_oracle() {
 #[tokio::test]
 async fn sigkill_while_projecting_on_kafka_and_redis_matches_the_oracle() {
     let dir = tempfile::tempdir().unwrap();
-    let (brokers, redis) = (common::kafka_brokers(), common::redis_url());
+    let (brokers, redis, es) = (
+        common::kafka_brokers(),
+        common::redis_url(),
+        common::elasticsearch_url(),
+    );
     let prefix = format!("{}.", unique("kill"));
     let args = [
         "--log",
@@ -620,6 +690,8 @@ async fn sigkill_while_projecting_on_kafka_and_redis_matches_the_oracle() {
         "--auto-migrate",
         "--redis-url",
         &redis,
+        "--elasticsearch-url",
+        &es,
     ];
     sigkill_while_projecting(dir.path(), &args, true).await;
     common::redis_remove_namespace(&prefix).await;

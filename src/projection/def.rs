@@ -829,8 +829,14 @@ ranking = "top:{doc.tribe_id}"
         )
         .unwrap();
         assert!(matches!(d.ops_for("A").unwrap()[0].kind, OpKind::Delete));
-        assert!(matches!(d.ops_for("B").unwrap()[0].kind, OpKind::Set { .. }));
-        assert!(d.reads_before_fold(), "document projections read before they fold");
+        assert!(matches!(
+            d.ops_for("B").unwrap()[0].kind,
+            OpKind::Set { .. }
+        ));
+        assert!(
+            d.reads_before_fold(),
+            "document projections read before they fold"
+        );
     }
 
     #[test]

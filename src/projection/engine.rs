@@ -34,9 +34,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use super::def::StoreKind;
 use super::def::{self, DefError, Definition};
 use super::fold::{self, DocReads, Input};
-use super::def::StoreKind;
 use super::store::doc::{IndexSpec, Specs};
 use super::store::{Commit, GenInfo, GenRef, Meta, ReadStore, Store, StoreError, Stores};
 use crate::error::ApiError;
@@ -705,6 +705,7 @@ fn round(x: f64) -> f64 {
 pub struct Engine {
     projections: BTreeMap<String, Arc<Projection>>,
     ctx: Arc<Ctx>,
+    specs: Specs,
 }
 
 /// The engine's settings.
@@ -749,7 +750,11 @@ impl Engine {
             let p = Self::start_one(&ctx, store, spec, def).await?;
             projections.insert(p.name.clone(), p);
         }
-        Ok(Self { projections, ctx })
+        Ok(Self {
+            projections,
+            ctx,
+            specs: cfg.specs,
+        })
     }
 
     async fn start_one(
@@ -863,6 +868,11 @@ impl Engine {
         }
         info!(projection = %name, generation = live_info.generation, version = live_info.version, store = store.backend(), "projection started");
         Ok(p)
+    }
+
+    /// The index declarations the engine was started with.
+    pub fn specs(&self) -> Specs {
+        self.specs.clone()
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Projection>> {

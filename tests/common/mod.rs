@@ -32,6 +32,15 @@ pub fn redis_url() -> String {
     )
 }
 
+/// The Elasticsearch-API server the suite runs against (`scripts/test.sh` starts
+/// osmem-server).
+pub fn elasticsearch_url() -> String {
+    std::env::var("TEST_ELASTICSEARCH_URL").expect(
+        "TEST_ELASTICSEARCH_URL is not set: run the suite with scripts/test.sh, which starts osmem-server \
+         (or set TEST_ELASTICSEARCH_URL=http://127.0.0.1:9200)",
+    )
+}
+
 /// Removes every key of a test's namespace (or topic prefix) from the shared Redis.
 pub async fn redis_remove_namespace(ns: &str) {
     let client = ::redis::Client::open(redis_url()).unwrap();

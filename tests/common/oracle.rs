@@ -7,7 +7,8 @@
 //! may be interleaved in any way), with the partition each event is in.
 //!
 //! Covered: `post_stats` (document per post, exact counts), the `top_posts:{tribe_id}`
-//! rankings, and `tribe_feed` (via [`Oracle::tribe_posts`] and [`check_feed`]).
+//! rankings, `tribe_feed` (via [`Oracle::tribe_posts`] and [`check_feed`]), and the
+//! document models `posts` and `users`, and which posts contain a word.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -40,6 +41,10 @@ pub struct Oracle {
     /// Likes/unlikes of a post with no tribe yet (no PostPublished before them):
     /// no `top_posts:{tribe_id}` ranking can be named for them.
     unranked: u64,
+    /// `posts` documents: post id -> fields.
+    post_docs: BTreeMap<String, serde_json::Map<String, Value>>,
+    /// `users` documents: user id -> (name, tribes joined).
+    users: BTreeMap<String, (Option<String>, BTreeSet<String>)>,
 }
 
 /// A string field of `data`; numbers are accepted and rendered as in JSON.
@@ -61,6 +66,7 @@ impl Oracle {
     /// ignored, as the demo projections do not handle them.
     pub fn apply(&mut self, partition: u32, stream: &str, event_type: &str, data: &Value) {
         let _ = stream; // keys come from `data`, like the projections' `key = "data.*"`
+        self.apply_documents(event_type, data);
         match event_type {
             "TribeCreated" | "UserJoinedTribe" => {
                 if let Some(t) = field(data, "tribe_id") {
@@ -124,6 +130,90 @@ impl Oracle {
             "unique_viewers": p.viewers.len(),
             "tribe_id": p.tribe_id,
         }))
+    }
+
+    /// The `posts` and `users` document models.
+    fn apply_documents(&mut self, event_type: &str, data: &Value) {
+        match event_type {
+            "PostPublished" | "PostLiked" | "PostUnliked" | "CommentAdded" => {
+                let Some(post_id) = field(data, "post_id") else {
+                    return;
+                };
+                let doc = self.post_docs.entry(post_id).or_default();
+                let mut add = |f: &str, by: i64| {
+                    let n = doc.get(f).and_then(Value::as_i64).unwrap_or(0);
+                    doc.insert(f.into(), json!(n + by));
+                };
+                match event_type {
+                    "PostLiked" => add("likes", 1),
+                    "PostUnliked" => add("likes", -1),
+                    "CommentAdded" => add("comments", 1),
+                    _ => {
+                        for f in ["post_id", "title", "body", "author_id", "tribe_id"] {
+                            doc.insert(f.into(), data.get(f).cloned().unwrap_or(Value::Null));
+                        }
+                    }
+                }
+            }
+            "UserRegistered" => {
+                if let Some(u) = field(data, "user_id") {
+                    self.users.entry(u).or_default().0 = field(data, "name");
+                }
+            }
+            "UserJoinedTribe" => {
+                if let (Some(u), Some(t)) = (field(data, "user_id"), field(data, "tribe_id")) {
+                    self.users.entry(u).or_default().1.insert(t);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The `posts` document of a post, as `GET /views/posts/{id}` renders it
+    /// (counters read 0 until touched), or `None`.
+    pub fn post_doc(&self, post_id: &str) -> Option<Value> {
+        let mut doc = self.post_docs.get(post_id)?.clone();
+        for f in ["likes", "comments"] {
+            doc.entry(f).or_insert(json!(0));
+        }
+        Some(Value::Object(doc))
+    }
+
+    /// Every post id with a `posts` document, sorted.
+    pub fn post_doc_ids(&self) -> Vec<String> {
+        self.post_docs.keys().cloned().collect()
+    }
+
+    /// The `users` document of a user: `{"user_id", "name", "tribes"}` (tribes
+    /// sorted; `user_id` and `name` only once registered), or `None`.
+    pub fn user_doc(&self, user_id: &str) -> Option<Value> {
+        let (name, tribes) = self.users.get(user_id)?;
+        let mut doc = json!({ "tribes": tribes });
+        if let Some(n) = name {
+            doc["user_id"] = json!(user_id);
+            doc["name"] = json!(n);
+        }
+        Some(doc)
+    }
+
+    pub fn user_ids(&self) -> Vec<String> {
+        self.users.keys().cloned().collect()
+    }
+
+    /// Posts whose title or body holds `word` (lowercase; words are split at
+    /// anything but letters and digits, as both search stores' analyzers do).
+    pub fn posts_with_word(&self, word: &str) -> BTreeSet<String> {
+        let has = |v: Option<&Value>| {
+            v.and_then(Value::as_str).is_some_and(|t| {
+                t.split(|c: char| !c.is_alphanumeric())
+                    .any(|w| w.to_lowercase() == word)
+            })
+        };
+        self.post_docs
+            .iter()
+            .filter(|(_, d)| has(d.get("title")) || has(d.get("body")))
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// Every post id with a `post_stats` document, sorted.

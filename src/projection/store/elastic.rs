@@ -9,7 +9,10 @@ pub struct ElasticStore {
 
 impl ElasticStore {
     pub async fn connect(_url: &str, _namespace: &str, specs: Specs) -> anyhow::Result<Self> {
-        anyhow::bail!("the Elasticsearch store is not written yet ({} specs)", specs.len())
+        anyhow::bail!(
+            "the Elasticsearch store is not written yet ({} specs)",
+            specs.len()
+        )
     }
 }
 
@@ -25,16 +28,29 @@ impl super::Store for ElasticStore {
     async fn put_meta(&self, _: &str, _: &super::Meta) -> super::StoreResult<()> {
         Err(super::StoreError::Other("unwritten".into()))
     }
-    async fn session(&self, _: &super::GenRef, _: u32) -> super::StoreResult<Box<dyn super::Session>> {
+    async fn session(
+        &self,
+        _: &super::GenRef,
+        _: u32,
+    ) -> super::StoreResult<Box<dyn super::Session>> {
         Err(super::StoreError::Other("unwritten".into()))
     }
     async fn checkpoints(&self, _: &super::GenRef, _: u32) -> super::StoreResult<Vec<Option<u64>>> {
         Err(super::StoreError::Other("unwritten".into()))
     }
-    async fn view(&self, _: &super::GenRef, _: &super::Schema, _: &str) -> super::StoreResult<Option<serde_json::Map<String, serde_json::Value>>> {
+    async fn view(
+        &self,
+        _: &super::GenRef,
+        _: &super::Schema,
+        _: &str,
+    ) -> super::StoreResult<Option<serde_json::Map<String, serde_json::Value>>> {
         Err(super::StoreError::Other("unwritten".into()))
     }
-    async fn dead_letters(&self, _: &super::GenRef, _: usize) -> super::StoreResult<(u64, Vec<crate::projection::fold::DeadLetter>)> {
+    async fn dead_letters(
+        &self,
+        _: &super::GenRef,
+        _: usize,
+    ) -> super::StoreResult<(u64, Vec<crate::projection::fold::DeadLetter>)> {
         Err(super::StoreError::Other("unwritten".into()))
     }
     async fn drop_generation(&self, _: &super::GenRef) -> super::StoreResult<()> {
@@ -47,7 +63,11 @@ impl super::Store for ElasticStore {
 
 #[async_trait::async_trait]
 impl super::doc::DocStore for ElasticStore {
-    async fn search(&self, _: &super::GenRef, _: &super::doc::Search) -> super::StoreResult<super::doc::Page> {
+    async fn search(
+        &self,
+        _: &super::GenRef,
+        _: &super::doc::Search,
+    ) -> super::StoreResult<super::doc::Page> {
         Err(super::StoreError::Other("unwritten".into()))
     }
 }
