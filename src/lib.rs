@@ -13,15 +13,15 @@
 //! | [`telemetry`] | tracing: human or JSON logs |
 //! | [`server`] | wiring and graceful shutdown: log, migrations, write path, HTTP |
 //! | [`http`] | the axum router: ingest endpoints, health |
-//! | [`query`] | read side over HTTP: views, rankings, projection status and replay |
+//! | [`query`] | read side over HTTP: views, search, rankings, stream history, projection status and replay |
 //! | [`error`] | [`error::ApiError`]: every error's status, code and JSON shape |
 //! | [`event`] | request parsing and validation, the event envelope in the log |
 //! | [`writer`] | the write path: versions, expected-version checks, idempotency, group commit, stream heads |
 //! | [`position`] | position tokens returned by appends (read-your-writes) |
 //! | [`log`] | the event-log port and its adapters: [`log::embedded`] (redb), [`log::kafka`] (rdkafka) |
-//! | [`projection`] | projections: [`projection::def`] (definitions), [`projection::fold`] (pure fold, combining), [`projection::engine`] (workers, replay, status), [`projection::store`] (key-value port: Redis, embedded) |
+//! | [`projection`] | projections: [`projection::def`] (definitions), [`projection::fold`] (pure fold, combining), [`projection::engine`] (workers, replay, status), [`projection::history`] (the built-in stream history), [`projection::store`] (key-value port: Redis, embedded redb; document port [`projection::store::doc`]: Elasticsearch, embedded tantivy) |
 //! | [`demo`] | the demo domain's event generator (`refold demo`, tests, benchmarks) |
-//! | [`migrate`] | `migrations/*.toml`: topics created or checked, applied once, recorded |
+//! | [`migrate`] | `migrations/*.toml`: topics created or checked, index declarations, applied once, recorded |
 
 pub mod cli;
 pub mod client;
