@@ -179,6 +179,12 @@ impl Oracle {
         Some(Value::Object(doc))
     }
 
+    /// A field of a `posts` document as stored: `None` when no event wrote it
+    /// (searches sort such documents last).
+    pub fn post_field(&self, post_id: &str, field: &str) -> Option<Value> {
+        self.post_docs.get(post_id)?.get(field).cloned()
+    }
+
     /// Every post id with a `posts` document, sorted.
     pub fn post_doc_ids(&self) -> Vec<String> {
         self.post_docs.keys().cloned().collect()
