@@ -9,6 +9,9 @@ pub struct ElasticStore {
 
 impl ElasticStore {
     pub async fn connect(_url: &str, _namespace: &str, specs: Specs) -> anyhow::Result<Self> {
-        anyhow::bail!("the Elasticsearch store is not written yet ({} specs)", specs.len())
+        anyhow::bail!(
+            "the Elasticsearch store is not written yet ({} specs)",
+            specs.len()
+        )
     }
 }
