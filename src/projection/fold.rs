@@ -767,7 +767,11 @@ mod tests {
             .map(|i| ev(i, "A", json!({"k": if i % 2 == 0 { "x" } else { "y" }})))
             .collect();
         let fx = fold(&d, &inputs, &stored);
-        assert_eq!(field(&fx, "x", "n"), &FieldDelta::Incr(1), "only offset 2 is new to x");
+        assert_eq!(
+            field(&fx, "x", "n"),
+            &FieldDelta::Incr(1),
+            "only offset 2 is new to x"
+        );
         assert_eq!(field(&fx, "y", "n"), &FieldDelta::Incr(2));
         assert_eq!(fx.applied, 4);
     }

@@ -216,9 +216,7 @@ pub fn render(schema: &Schema, doc: Map<String, Value>) -> Map<String, Value> {
 
 /// The offset up to which `partition` is applied to a stored document.
 pub fn applied_offset(doc: &Map<String, Value>, partition: u32) -> Option<u64> {
-    doc.get(APPLIED_FIELD)?
-        .get(partition.to_string())?
-        .as_u64()
+    doc.get(APPLIED_FIELD)?.get(partition.to_string())?.as_u64()
 }
 
 /// Why a stored document cannot take a delta.
@@ -349,7 +347,10 @@ mod tests {
     fn delta(reset: bool, fields: Vec<(&str, FieldDelta)>) -> DocDelta {
         DocDelta {
             reset,
-            fields: fields.into_iter().map(|(f, d)| (f.to_string(), d)).collect(),
+            fields: fields
+                .into_iter()
+                .map(|(f, d)| (f.to_string(), d))
+                .collect(),
         }
     }
 
@@ -384,7 +385,9 @@ mod tests {
                 ),
             ],
         );
-        let doc = apply_delta("k1", Some(current), &d, 0, 17).unwrap().unwrap();
+        let doc = apply_delta("k1", Some(current), &d, 0, 17)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             Value::Object(doc.clone()),
             json!({

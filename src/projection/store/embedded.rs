@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{
-    Commit, DEAD_LETTERS_KEPT, GenRef, KvStore, Meta, Schema, Session, Store, StoreError, StoreResult,
-    parse_json, with_defaults,
+    Commit, DEAD_LETTERS_KEPT, GenRef, KvStore, Meta, Schema, Session, Store, StoreError,
+    StoreResult, parse_json, with_defaults,
 };
 use crate::projection::fold::{DeadLetter, DocReads, Effects, FieldDelta};
 
@@ -299,11 +299,7 @@ impl Store for EmbeddedKv {
         .await
     }
 
-    async fn session(
-        &self,
-        generation: &GenRef,
-        partition: u32,
-    ) -> StoreResult<Box<dyn Session>> {
+    async fn session(&self, generation: &GenRef, partition: u32) -> StoreResult<Box<dyn Session>> {
         Ok(Box::new(RedbSession {
             db: self.db.clone(),
             gid: gen_id(generation),
@@ -344,7 +340,6 @@ impl Store for EmbeddedKv {
             .await?;
         Ok(doc.map(|d| render(schema, d)))
     }
-
 
     async fn dead_letters(
         &self,

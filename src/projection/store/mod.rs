@@ -81,7 +81,9 @@ pub struct Meta {
 pub enum Commit {
     Applied,
     /// The checkpoint was not what the worker expected: nothing was applied.
-    Fenced { found: Option<u64> },
+    Fenced {
+        found: Option<u64>,
+    },
     /// A document changed between [`Session::read_fields`] and the commit (a
     /// worker of another partition wrote it). Part of the batch may be applied and
     /// the checkpoint did not move: read and fold the batch again; what the

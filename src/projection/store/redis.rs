@@ -40,8 +40,8 @@ use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 
 use super::{
-    Commit, DEAD_LETTERS_KEPT, GenRef, KvStore, Meta, Schema, Session, Store, StoreError, StoreResult,
-    parse_json, with_defaults,
+    Commit, DEAD_LETTERS_KEPT, GenRef, KvStore, Meta, Schema, Session, Store, StoreError,
+    StoreResult, parse_json, with_defaults,
 };
 use crate::projection::def::FieldKind;
 use crate::projection::fold::{DeadLetter, DocReads, Effects, FieldDelta};
@@ -127,11 +127,7 @@ impl Store for RedisStore {
             .await
     }
 
-    async fn session(
-        &self,
-        generation: &GenRef,
-        partition: u32,
-    ) -> StoreResult<Box<dyn Session>> {
+    async fn session(&self, generation: &GenRef, partition: u32) -> StoreResult<Box<dyn Session>> {
         let link = Link::new(self.client.clone());
         link.conn().await?; // fail now rather than on first use
         let keys = self.keys(generation);
@@ -221,7 +217,6 @@ impl Store for RedisStore {
         }
         Ok(Some(with_defaults(schema, out)))
     }
-
 
     async fn dead_letters(
         &self,
