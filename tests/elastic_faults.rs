@@ -397,3 +397,73 @@ async fn connect_fails_fast_when_the_server_is_unreachable() {
     assert!(msg.contains("cannot reach Elasticsearch"), "{msg}");
     assert!(msg.contains(&url), "{msg}");
 }
+
+// ---- adapter-specific behaviour (not faults) ------------------------------------
+
+async fn es_get(path: &str) -> (u16, Value) {
+    let r = reqwest::get(format!("{}/{path}", es_url())).await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn live(generation: u64) -> refold::projection::store::Meta {
+    refold::projection::store::Meta {
+        live: Some(refold::projection::store::GenInfo {
+            generation,
+            version: 1,
+            source: DEF.into(),
+        }),
+        building: None,
+    }
+}
+
+/// The alias `{ns}{projection}` names the live generation's index only (I7).
+#[tokio::test]
+async fn put_meta_points_the_alias_at_the_live_generation() {
+    let s = setup("esf-alias").await;
+    let holders = |body: Value| -> Vec<String> {
+        let mut v: Vec<String> = body.as_object().unwrap().keys().cloned().collect();
+        v.sort();
+        v
+    };
+    let alias = format!("{}posts", s.ns);
+    s.direct.put_meta("posts", &live(1)).await.unwrap();
+    let (_, body) = es_get(&format!("_alias/{alias}")).await;
+    assert_eq!(holders(body), vec![format!("{}posts-g1", s.ns)]);
+
+    s.direct.put_meta("posts", &live(2)).await.unwrap();
+    s.direct.put_meta("posts", &live(2)).await.unwrap(); // idempotent
+    let (_, body) = es_get(&format!("_alias/{alias}")).await;
+    assert_eq!(holders(body), vec![format!("{}posts-g2", s.ns)]);
+    assert_eq!(s.direct.meta("posts").await.unwrap(), live(2));
+
+    s.direct
+        .put_meta("posts", &refold::projection::store::Meta::default())
+        .await
+        .unwrap();
+    let (status, _) = es_get(&format!("_alias/{alias}")).await;
+    assert_eq!(status, 404);
+    s.cleanup().await;
+}
+
+/// Dead letters beyond the newest ones kept are deleted; the count covers all.
+#[tokio::test]
+async fn old_dead_letters_are_removed() {
+    let s = setup("esf-prune").await;
+    let inputs: Vec<Input> = (0..130)
+        .map(|o| ev(0, o, "Liked", json!({"nokey": o})))
+        .collect();
+    commit_batch(&s.direct, &s.def, &inputs, 0, 130)
+        .await
+        .unwrap();
+    let (count, newest) = s.direct.dead_letters(&gen_ref(), 1000).await.unwrap();
+    assert_eq!(count, 130);
+    assert_eq!(newest.len(), refold::projection::store::DEAD_LETTERS_KEPT);
+    assert_eq!(newest[0].offset, 129);
+    let (_, body) = es_get(&format!("{}posts-g1-state/_count?q=kind:dead", s.ns)).await;
+    assert_eq!(
+        body["count"].as_u64(),
+        Some(refold::projection::store::DEAD_LETTERS_KEPT as u64)
+    );
+    s.cleanup().await;
+}

@@ -6,7 +6,7 @@
 //! | index                   | holds                                                         |
 //! |-------------------------|---------------------------------------------------------------|
 //! | `{ns}{p}-g{g}`          | the generation's documents, id = key, mapped from its spec    |
-//! | `{ns}{p}-g{g}-state`    | checkpoints `ckpt-{partition}` (`{"next": n}`) and dead letters `dead-{partition}-{offset}` |
+//! | `{ns}{p}-g{g}-state`    | checkpoints `ckpt-{partition}` (`next`, `dead_count`, `dead_max`) and dead letters `dead-{partition}-{offset}` |
 //! | `{ns}refold-meta`       | one document per projection: its [`Meta`]                     |
 //! | alias `{ns}{p}`         | names the live generation's index, for readers outside refold |
 //!
@@ -22,16 +22,24 @@
 //!    searches see it. A 409 means another partition's worker changed the document
 //!    since: [`Commit::Conflict`], the engine reads and folds again, and what is
 //!    already written is skipped thanks to the applied offsets the documents carry;
-//! 3. the dead letters (ids derived from partition and offset: recording twice is
-//!    recording once);
-//! 4. the checkpoint, conditional on the `_seq_no` it was read with; a 409 there
-//!    means another worker moved it: fenced.
+//! 3. the dead letters newer than the highest offset the partition's checkpoint
+//!    counted (a batch folded again records nothing twice; ids derived from
+//!    partition and offset make a repeated write a 409);
+//! 4. the checkpoint, with the partition's dead-letter count and highest offset,
+//!    conditional on the `_seq_no` it was read with; a 409 there means another
+//!    worker moved it: fenced. Dead letters older than the newest
+//!    [`DEAD_LETTERS_KEPT`] are then deleted; the counts still cover them.
 //!
 //! The checkpoint is never written before the data it covers, and writing the data
 //! again changes nothing. Requests time out after [`REQUEST_TIMEOUT`]; 429s, 5xxs,
 //! connection errors and timeouts are retried with exponential backoff and jitter
 //! (a `_bulk` retries only its failed items) for a bounded time, after which the
-//! store is [`StoreError::Unavailable`]. Only APIs that Elasticsearch 8 and
+//! store is [`StoreError::Unavailable`].
+//!
+//! Search: a bool query (`multi_match` over the text fields, `term` and `range`
+//! filters), sorted as [`Sort`] says with the key (`refold_key`, a keyword: `_id`
+//! cannot be sorted on) last. Key and field orders page with `search_after`;
+//! relevance pages by position (see `search_body`). Only APIs that Elasticsearch 8 and
 //! OpenSearch 2 share are used (no scripts: documents are read, changed and
 //! written back).
 
@@ -52,7 +60,9 @@ use super::doc::{
     DocStore, FieldType, Hit, IndexSpec, KEY_FIELD, Order, Page, Search, Sort, Specs, apply_delta,
     render, user_fields,
 };
-use super::{Commit, GenRef, Meta, Schema, Session, Store, StoreError, StoreResult};
+use super::{
+    Commit, DEAD_LETTERS_KEPT, GenRef, Meta, Schema, Session, Store, StoreError, StoreResult,
+};
 use crate::projection::fold::{DeadLetter, DocReads, Effects};
 
 /// How long one request may take.
@@ -67,6 +77,12 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Ids per `_mget`.
 const MGET_CHUNK: usize = 1000;
+/// Elasticsearch's default `index.max_result_window`: `from + size` at most.
+const MAX_RESULT_WINDOW: usize = 10_000;
+/// Old dead letters removed per commit at most.
+const PRUNE_CHUNK: usize = 1000;
+/// Checkpoint documents (one per partition) read at most for the dead-letter count.
+const MAX_PARTITIONS: usize = 10_000;
 
 /// The Elasticsearch (or OpenSearch) document store.
 #[derive(Clone)]
@@ -588,6 +604,70 @@ impl Inner {
             .map(drop)
     }
 
+    /// Documents of one kind in a state index (dead letters newest first); `None`
+    /// when the index does not exist.
+    async fn search_state(
+        &self,
+        index: &str,
+        kind: &str,
+        size: usize,
+        from: usize,
+        deadline: Instant,
+    ) -> StoreResult<Option<Value>> {
+        let reply = self
+            .call(
+                Method::Post,
+                &format!("{index}/_search"),
+                &[],
+                Some(&Body::Json(json!({
+                    "query": {"term": {"kind": kind}},
+                    "from": from,
+                    "size": size,
+                    "sort": [{"at": "desc"}, {"partition": "desc"}, {"offset": "desc"}],
+                }))),
+                deadline,
+            )
+            .await?;
+        if reply.status == 404 {
+            return Ok(None);
+        }
+        self.expect_ok(reply, &format!("search `{index}`"))
+            .map(Some)
+    }
+
+    /// Deletes the dead letters older than the newest [`DEAD_LETTERS_KEPT`] (the
+    /// count, kept with the checkpoints, still covers them).
+    async fn prune_dead_letters(&self, index: &str, deadline: Instant) -> StoreResult<()> {
+        let Some(body) = self
+            .search_state(index, "dead", PRUNE_CHUNK, DEAD_LETTERS_KEPT, deadline)
+            .await?
+        else {
+            return Ok(());
+        };
+        let items: Vec<Item> = hits(&body)
+            .iter()
+            .filter_map(|h| h.get("_id")?.as_str())
+            .map(|id| Item {
+                op: Op::Delete,
+                id: id.to_owned(),
+                if_version: None,
+                source: None,
+            })
+            .collect();
+        if items.is_empty() {
+            return Ok(());
+        }
+        for (item, outcome) in items.iter().zip(self.bulk(index, &items, deadline).await?) {
+            if let Outcome::Failed(reason) = outcome {
+                return Err(StoreError::Other(format!(
+                    "cannot remove old dead letter `{}` of `{index}`: {reason}",
+                    item.id
+                )));
+            }
+        }
+        Ok(())
+    }
+
     async fn read_checkpoint(
         &self,
         g: &GenRef,
@@ -672,6 +752,14 @@ impl Stored {
                 "`{id}` of `{index}` came back without its source or _seq_no: {d}"
             ))),
         }
+    }
+
+    /// The dead letters a checkpoint document has counted, and the highest offset
+    /// among them.
+    fn dead(&self) -> (u64, Option<u64>) {
+        let count = self.doc.get("dead_count").and_then(Value::as_u64);
+        let max = self.doc.get("dead_max").and_then(Value::as_u64);
+        (count.unwrap_or(0), max)
     }
 
     fn next(&self, what: &str) -> StoreResult<u64> {
@@ -836,32 +924,31 @@ impl Store for ElasticStore {
     ) -> StoreResult<(u64, Vec<DeadLetter>)> {
         let s = &self.inner;
         let index = s.state_index(generation);
-        let query = json!({"term": {"kind": "dead"}});
-        let reply = s
-            .call(
-                Method::Post,
-                &format!("{index}/_search"),
-                &[],
-                Some(&Body::Json(json!({
-                    "query": query,
-                    "size": limit,
-                    "track_total_hits": true,
-                    "sort": [{"at": "desc"}, {"partition": "desc"}, {"offset": "desc"}],
-                }))),
-                s.read_deadline(),
-            )
-            .await?;
-        if reply.status == 404 {
+        let deadline = s.read_deadline();
+        // The count is kept with each partition's checkpoint.
+        let Some(ckpts) = s
+            .search_state(&index, "ckpt", MAX_PARTITIONS, 0, deadline)
+            .await?
+        else {
             return Ok((0, Vec::new()));
+        };
+        let count = hits(&ckpts)
+            .iter()
+            .filter_map(|h| h.pointer("/_source/dead_count")?.as_u64())
+            .sum();
+        let limit = limit.min(DEAD_LETTERS_KEPT);
+        if limit == 0 {
+            return Ok((count, Vec::new()));
         }
-        let body = s.expect_ok(reply, &format!("list the dead letters of `{index}`"))?;
-        let total = total_hits(&body)?;
+        let Some(body) = s.search_state(&index, "dead", limit, 0, deadline).await? else {
+            return Ok((0, Vec::new()));
+        };
         let letters = hits(&body)
             .iter()
             .filter_map(|h| h.get("_source")?.get("letter").cloned())
             .filter_map(|l| serde_json::from_value(l).ok())
             .collect();
-        Ok((total, letters))
+        Ok((count, letters))
     }
 
     async fn drop_generation(&self, generation: &GenRef) -> StoreResult<()> {
@@ -924,7 +1011,7 @@ impl DocStore for ElasticStore {
     async fn search(&self, generation: &GenRef, search: &Search) -> StoreResult<Page> {
         let s = &self.inner;
         let spec = s.spec(&generation.projection);
-        let body = search_body(&spec, search)?;
+        let (body, from) = search_body(&spec, search)?;
         let index = s.data_index(generation);
         let reply = s
             .call(
@@ -946,7 +1033,8 @@ impl DocStore for ElasticStore {
         let relevance = search.sort == Sort::Relevance;
         let hits = hits(&body)
             .iter()
-            .map(|h| {
+            .enumerate()
+            .map(|(i, h)| {
                 let doc = h
                     .get("_source")
                     .and_then(Value::as_object)
@@ -966,11 +1054,17 @@ impl DocStore for ElasticStore {
                         None
                     },
                     doc: user_fields(doc),
-                    sort: h
-                        .get("sort")
-                        .and_then(Value::as_array)
-                        .cloned()
-                        .unwrap_or_default(),
+                    sort: {
+                        let mut sort = h
+                            .get("sort")
+                            .and_then(Value::as_array)
+                            .cloned()
+                            .unwrap_or_default();
+                        if relevance {
+                            sort.push(Value::from(from + i + 1));
+                        }
+                        sort
+                    },
                 }
             })
             .collect();
@@ -978,10 +1072,16 @@ impl DocStore for ElasticStore {
     }
 }
 
-/// The query DSL of a validated search. Field names must be declared in the
-/// index's spec; the user's text only goes into `multi_match.query`, term and range
-/// values, and `search_after` (scalars only).
-fn search_body(spec: &IndexSpec, search: &Search) -> StoreResult<Value> {
+/// The query DSL of a validated search, and the position of its first hit. Field
+/// names must be declared in the index's spec; the user's text only goes into
+/// `multi_match.query`, term and range values, and `search_after` (scalars only).
+///
+/// Relevance pages go by position (`from`): their cursor is `[score, key, hits so
+/// far]`. Keyset paging on `_score` needs the score to round-trip exactly through
+/// JSON, and osmem-server's does not (it compares unrounded scores with the
+/// rounded ones it printed, so pages repeat or skip ties). Scores move with every
+/// write anyway, so a relevance order is not stable across pages on any server.
+fn search_body(spec: &IndexSpec, search: &Search) -> StoreResult<(Value, usize)> {
     let exact = |field: &str| -> StoreResult<FieldType> {
         match spec.fields.get(field) {
             Some(t) if *t != FieldType::Text => Ok(*t),
@@ -1029,23 +1129,37 @@ fn search_body(spec: &IndexSpec, search: &Search) -> StoreResult<Value> {
             ]
         }
     };
+    let sort_len = sort.len();
     let mut body = json!({
         "query": {"bool": {"must": must, "filter": filter}},
         "sort": sort,
         "size": search.limit,
         "track_total_hits": true,
     });
-    if let Some(after) = &search.after {
-        if after.len() != body["sort"].as_array().map_or(0, Vec::len)
-            || !after.iter().all(is_scalar)
-        {
-            return Err(StoreError::Other(
-                "the cursor does not belong to this search's order".into(),
-            ));
+    let foreign = || StoreError::Other("the cursor does not belong to this search's order".into());
+    let mut from = 0;
+    match &search.after {
+        None => {}
+        Some(after) if search.sort == Sort::Relevance => {
+            from = match after.as_slice() {
+                [_, _, n] => n.as_u64().ok_or_else(foreign)? as usize,
+                _ => return Err(foreign()),
+            };
+            if from + search.limit > MAX_RESULT_WINDOW {
+                return Err(StoreError::Other(format!(
+                    "results by relevance page through the first {MAX_RESULT_WINDOW} only"
+                )));
+            }
+            body["from"] = Value::from(from);
         }
-        body["search_after"] = Value::Array(after.clone());
+        Some(after) => {
+            if after.len() != sort_len || !after.iter().all(is_scalar) {
+                return Err(foreign());
+            }
+            body["search_after"] = Value::Array(after.clone());
+        }
     }
-    Ok(body)
+    Ok((body, from))
 }
 
 fn is_scalar(v: &Value) -> bool {
@@ -1176,10 +1290,17 @@ impl Session for ElasticSession {
             }
         }
 
-        // 3. Dead letters: ids from (partition, offset), so a second time is a 409.
-        if !effects.dead_letters.is_empty() {
-            let items: Vec<Item> = effects
-                .dead_letters
+        // 3. Dead letters. A partition's arrive in offset order, so one at or below
+        //    the highest offset its checkpoint counted is a repeat (a batch folded
+        //    again); ids from (partition, offset) make a second write a 409.
+        let (dead_count, dead_max) = ckpt.as_ref().map_or((0, None), Stored::dead);
+        let letters: Vec<&DeadLetter> = effects
+            .dead_letters
+            .iter()
+            .filter(|dl| dead_max.is_none_or(|m| dl.offset > m))
+            .collect();
+        if !letters.is_empty() {
+            let items: Vec<Item> = letters
                 .iter()
                 .map(|dl| Item {
                     op: Op::Create,
@@ -1208,8 +1329,12 @@ impl Session for ElasticSession {
             }
         }
 
-        // 4. The checkpoint, after the data it covers.
+        // 4. The checkpoint, after the data it covers, with the dead-letter count
+        //    (refreshed then, for `dead_letters` finds the counts by search).
         let mut query = Vec::new();
+        if !letters.is_empty() {
+            query.push(("refresh", "true".to_string()));
+        }
         match &ckpt {
             Some(c) => {
                 query.push(("if_seq_no", c.seq_no.to_string()));
@@ -1222,7 +1347,13 @@ impl Session for ElasticSession {
                 Method::Put,
                 &format!("{state}/_doc/{}", ckpt_id(p)),
                 &query,
-                Some(&Body::Json(json!({"kind": "ckpt", "next": next}))),
+                Some(&Body::Json(json!({
+                    "kind": "ckpt",
+                    "partition": p,
+                    "next": next,
+                    "dead_count": dead_count + letters.len() as u64,
+                    "dead_max": letters.iter().map(|d| d.offset).max().or(dead_max),
+                }))),
                 deadline,
             )
             .await?;
@@ -1239,6 +1370,12 @@ impl Session for ElasticSession {
             return Ok(Commit::Fenced { found });
         }
         s.expect_ok(reply, &format!("write the checkpoint of {g} partition {p}"))?;
+        if !letters.is_empty() {
+            // Housekeeping: the commit is done whatever happens here.
+            if let Err(e) = s.prune_dead_letters(&state, deadline).await {
+                tracing::warn!(generation = %g, error = %e, "cannot remove old dead letters");
+            }
+        }
         Ok(Commit::Applied)
     }
 }
