@@ -145,7 +145,7 @@ impl ElasticStore {
     }
 
     /// How long commits retry transient failures ([`WRITE_RETRY_BUDGET`] unless
-    /// set; tests shorten it).
+    /// set; tests shorten it). Clones share it: this sets it for all of them.
     pub fn with_retry_budget(self, budget: Duration) -> Self {
         let ms = u64::try_from(budget.as_millis()).unwrap_or(u64::MAX);
         self.inner.write_budget_ms.store(ms, Ordering::Relaxed);
