@@ -2,6 +2,7 @@
 //! for the in-process router, and a spawned `refold` process.
 #![allow(dead_code)]
 
+pub mod es_proxy;
 pub mod oracle;
 
 use std::path::Path;

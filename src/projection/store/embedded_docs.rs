@@ -9,7 +9,10 @@
 //! JSON (the source every read returns), and one field per mapped field (text:
 //! tokenized with tantivy's default tokenizer, scored with BM25; keyword: exact and
 //! fast; long, double, boolean: indexed and fast). An array indexes every element;
-//! fields that are not mapped live only in the source. An existing generation keeps
+//! fields that are not mapped live only in the source, and so does a mapped
+//! field's value of another type (numbers and booleans are indexed as text in
+//! text/keyword fields, numeric strings as numbers; an object nowhere), where
+//! Elasticsearch would refuse the document. An existing generation keeps
 //! the schema it was created with (read back from the index), whatever the spec
 //! says now.
 //!
@@ -123,13 +126,11 @@ struct Gen {
     source: Field,
     /// Mapped field name → (field, type).
     mapped: BTreeMap<String, (Field, FieldType)>,
-    inner: Mutex<Inner>,
-}
-
-struct Inner {
-    /// `None` once the generation was dropped.
-    writer: Option<IndexWriter>,
-    state: GenState,
+    /// Held for a whole commit; `None` once the generation was dropped.
+    writer: Mutex<Option<IndexWriter>>,
+    /// What the last commit's payload holds (changed with `writer` held; readers
+    /// take only this lock, never waiting for a commit's fsync).
+    state: Mutex<GenState>,
 }
 
 impl Gen {
@@ -207,15 +208,17 @@ impl Gen {
             key,
             source,
             mapped,
-            inner: Mutex::new(Inner {
-                writer: Some(writer),
-                state,
-            }),
+            writer: Mutex::new(Some(writer)),
+            state: Mutex::new(state),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    fn writer(&self) -> MutexGuard<'_, Option<IndexWriter>> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn state(&self) -> MutexGuard<'_, GenState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The stored document of `key`, from the last commit.
@@ -391,10 +394,7 @@ impl EmbeddedDocs {
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().expect("a file in a directory");
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("meta")
-    ));
+    let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::new_v4()));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
@@ -445,9 +445,9 @@ impl Store for EmbeddedDocs {
         let Some(gen_) = self.generation(generation, false).await? else {
             return Ok(vec![None; partitions as usize]);
         };
-        let inner = gen_.lock();
+        let state = gen_.state();
         Ok((0..partitions)
-            .map(|p| inner.state.checkpoints.get(&p).copied())
+            .map(|p| state.checkpoints.get(&p).copied())
             .collect())
     }
 
@@ -473,9 +473,9 @@ impl Store for EmbeddedDocs {
         let Some(gen_) = self.generation(generation, false).await? else {
             return Ok((0, Vec::new()));
         };
-        let inner = gen_.lock();
-        let newest = inner.state.dead.iter().rev().take(limit).cloned().collect();
-        Ok((inner.state.dead_count, newest))
+        let state = gen_.state();
+        let newest = state.dead.iter().rev().take(limit).cloned().collect();
+        Ok((state.dead_count, newest))
     }
 
     async fn drop_generation(&self, generation: &GenRef) -> StoreResult<()> {
@@ -485,7 +485,7 @@ impl Store for EmbeddedDocs {
             let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(gen_) = open.remove(&g) {
                 // Sessions still holding it fail from now on.
-                let writer = gen_.lock().writer.take();
+                let writer = gen_.writer().take();
                 if let Some(w) = writer {
                     let _ = w.wait_merging_threads();
                 }
@@ -549,13 +549,7 @@ struct DocSession {
 #[async_trait]
 impl Session for DocSession {
     async fn checkpoint(&mut self) -> StoreResult<Option<u64>> {
-        Ok(self
-            .gen_
-            .lock()
-            .state
-            .checkpoints
-            .get(&self.partition)
-            .copied())
+        Ok(self.gen_.state().checkpoints.get(&self.partition).copied())
     }
 
     async fn read_fields(
@@ -591,17 +585,16 @@ impl Session for DocSession {
         let docs = effects.docs.clone();
         let dead = effects.dead_letters.clone();
         blocking(move || {
-            let mut inner = gen_.lock();
-            let found = inner.state.checkpoints.get(&p).copied();
+            let mut writer = gen_.writer();
+            let found = gen_.state().checkpoints.get(&p).copied();
             if found != expected {
                 return Ok(Commit::Fenced { found });
             }
-            let mut state = inner.state.clone();
+            let mut state = gen_.state().clone();
             state.checkpoints.insert(p, next);
             state.record(&dead);
             let payload = serde_json::to_string(&state).expect("state serializes");
-            let writer = inner
-                .writer
+            let writer = writer
                 .as_mut()
                 .ok_or_else(|| storage(format!("{} was dropped", gen_.dir.display())))?;
             let written = (|| {
@@ -625,8 +618,11 @@ impl Session for DocSession {
                 let _ = writer.rollback();
                 return Err(e);
             }
-            inner.state = state;
-            gen_.reader.reload().map_err(storage)?;
+            // Documents first, checkpoint second: whoever sees the checkpoint
+            // moved (read-your-writes waits on it) finds the documents too.
+            let reloaded = gen_.reader.reload();
+            *gen_.state() = state;
+            reloaded.map_err(storage)?;
             Ok(Commit::Applied)
         })
         .await
