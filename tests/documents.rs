@@ -176,11 +176,23 @@ async fn search_matches_the_oracle(es: bool) {
             );
         }
         // Ascending, and a numeric filter on top.
-        let hits = all_hits(&app, &format!("/views/posts?tribe_id={tribe}&sort=likes&limit=5&{after}")).await;
+        let hits = all_hits(
+            &app,
+            &format!("/views/posts?tribe_id={tribe}&sort=likes&limit=5&{after}"),
+        )
+        .await;
         assert_eq!(keys(&hits), ordered(false));
         let likes = likes_of(&want_keys[0]).unwrap();
-        let hits = all_hits(&app, &format!("/views/posts?tribe_id={tribe}&likes={likes}&{after}")).await;
-        let exact: Vec<String> = in_tribe.iter().filter(|k| likes_of(k) == Some(likes)).cloned().collect();
+        let hits = all_hits(
+            &app,
+            &format!("/views/posts?tribe_id={tribe}&likes={likes}&{after}"),
+        )
+        .await;
+        let exact: Vec<String> = in_tribe
+            .iter()
+            .filter(|k| likes_of(k) == Some(likes))
+            .cloned()
+            .collect();
         assert_eq!(keys(&hits), exact, "likes={likes} in {tribe}");
         // An array field: the members of the tribe.
         let hits = all_hits(

@@ -326,7 +326,7 @@ pub fn encode_cursor(sort: &[Value]) -> String {
 
 /// The sort values a cursor holds; `None` when it is not one of ours.
 pub fn decode_cursor(cursor: &str) -> Option<Vec<Value>> {
-    if cursor.len() % 2 != 0 || cursor.len() > 8192 {
+    if !cursor.len().is_multiple_of(2) || cursor.len() > 8192 {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..cursor.len())

@@ -37,8 +37,10 @@
 //! filters are unscored term queries, `at_least` an unscored range. The hits are
 //! ranked by a key computed per document ([`Rank`]) that implements the total
 //! orders of [`Sort`]; a page keeps only the documents ranked after the cursor
-//! (keyset pagination), and `total` counts every match. A hit's sort values are
-//! `[score, key]`, `[key]` or `[field value or null, key]`. A multi-valued field
+//! (keyset pagination), and `total` counts every match. Relevance pages go by
+//! position instead: a background merge that drops deleted documents changes the
+//! BM25 statistics, so scores move between requests. A hit's sort values are
+//! `[score, key, position]`, `[key]` or `[field value or null, key]`. A multi-valued field
 //! sorts by its smallest value ascending and its largest descending (as
 //! Elasticsearch does).
 //!
@@ -716,7 +718,9 @@ impl Rank {
     fn from_json(sort: &Sort, t: Option<FieldType>, values: &[Value]) -> Option<Rank> {
         let (primary, key) = match (sort, values) {
             (Sort::Key, [key]) => (Primary::None, key),
-            (Sort::Relevance, [score, key]) => (Primary::Score(Num(score.as_f64()?)), key),
+            (Sort::Relevance, [score, key, _position]) => {
+                (Primary::Score(Num(score.as_f64()?)), key)
+            }
             (Sort::Field(..), [Value::Null, key]) => (Primary::Missing, key),
             (Sort::Field(_, order), [v, key]) => {
                 let v = SortValue::from_json(t?, v)?;
@@ -899,8 +903,17 @@ fn run_search(gen_: &Gen, search: &Search) -> StoreResult<Page> {
         ),
     };
     let relevance = search.sort == Sort::Relevance;
-    let ranked =
-        TopDocs::with_limit(search.limit.max(1)).tweak_score(move |segment: &SegmentReader| {
+    // Relevance pages go by position: scores move when a background merge drops
+    // deleted documents from the BM25 statistics, which would make a keyset on
+    // the score skip or repeat hits (Elasticsearch's adapter pages it the same way).
+    let offset = match (&search.after, relevance) {
+        (Some(values), true) => values.get(2).and_then(Value::as_u64).unwrap_or(0) as usize,
+        _ => 0,
+    };
+    let after = if relevance { None } else { after };
+    let ranked = TopDocs::with_limit(search.limit.max(1))
+        .and_offset(offset)
+        .tweak_score(move |segment: &SegmentReader| {
             let key = segment.fast_fields().str(KEY_FIELD).ok().flatten();
             let column = match &sort_field {
                 Some((name, t, _)) => {
@@ -938,13 +951,17 @@ fn run_search(gen_: &Gen, search: &Search) -> StoreResult<Page> {
     for (rank, addr) in top {
         let Some(rank) = rank else { continue };
         let doc = gen_.source_of(&searcher, addr)?;
+        let mut sort = rank.to_json();
+        if relevance {
+            sort.push(Value::from(offset + hits.len() + 1));
+        }
         hits.push(Hit {
             key: rank.key.0.clone(),
             score: match rank.primary {
                 Primary::Score(s) => Some(s.0),
                 _ => None,
             },
-            sort: rank.to_json(),
+            sort,
             doc: user_fields(doc),
         });
     }
