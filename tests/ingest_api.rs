@@ -350,7 +350,7 @@ async fn bad_requests_get_json_errors_and_append_nothing() {
         "not_found",
     );
     assert_error(
-        &call(app, "GET", "/streams/post-1/events", "application/json", "").await,
+        &call(app, "PUT", "/streams/post-1/events", "application/json", "").await,
         405,
         "method_not_allowed",
     );

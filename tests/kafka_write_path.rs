@@ -46,13 +46,17 @@ async fn migrate_is_idempotent_and_serve_refuses_an_unmigrated_log() {
     let first = migrate::migrate(&*log, &migrations, &config.topic_prefix)
         .await
         .unwrap();
-    assert_eq!(first.applied, vec!["0001_event_log".to_string()]);
+    let all = vec![
+        "0001_event_log".to_string(),
+        "0002_read_model_indexes".to_string(),
+    ];
+    assert_eq!(first.applied, all);
     assert!(first.topics_created.contains(&format!("{prefix}.events")));
     let again = migrate::migrate(&*log, &migrations, &config.topic_prefix)
         .await
         .unwrap();
     assert!(again.applied.is_empty() && again.topics_created.is_empty());
-    assert_eq!(again.already, vec!["0001_event_log".to_string()]);
+    assert_eq!(again.already, all);
     let events = log
         .describe_topic(&format!("{prefix}.events"))
         .await

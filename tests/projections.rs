@@ -757,7 +757,12 @@ async fn a_bumped_version_rebuilds_at_start_and_the_cli_drives_replays() {
     let defs = dir.path().join("projections");
     std::fs::create_dir_all(&defs).unwrap();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("projections");
-    for f in ["post_stats.toml", "tribe_feed.toml"] {
+    for f in [
+        "post_stats.toml",
+        "tribe_feed.toml",
+        "posts.toml",
+        "users.toml",
+    ] {
         std::fs::copy(repo.join(f), defs.join(f)).unwrap();
     }
     let projections = ["--projections", defs.to_str().unwrap()];
@@ -851,8 +856,14 @@ async fn the_demo_command_posts_a_realistic_stream() {
     let s = common::eventually(30, "the demo events to be projected", || {
         let api = api.clone();
         async move {
+            let (_, all) = api.get("/projections").await;
+            let idle = all["projections"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p["lag"] == 0);
             let s = status(&api, "post_stats").await;
-            (s["events"] == 1200 && s["lag"] == 0).then_some(s)
+            (idle && s["events"] == 1200).then_some(s)
         }
     })
     .await;
