@@ -212,7 +212,7 @@ pub async fn cancel_replay(
 const SEARCH_PARAMS: [&str; 6] = ["q", "sort", "limit", "cursor", "after", "wait_ms"];
 
 /// The document store of a document projection.
-fn docs<'a>(p: &'a Projection) -> Result<&'a std::sync::Arc<dyn DocStore>, ApiError> {
+fn docs(p: &Projection) -> Result<&std::sync::Arc<dyn DocStore>, ApiError> {
     match p.read_store() {
         ReadStore::Doc(d) => Ok(d),
         ReadStore::Kv(_) => Err(ApiError::invalid(
