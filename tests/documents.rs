@@ -15,7 +15,6 @@ use common::oracle::Oracle;
 use common::unique;
 use refold::config::{Config, Settings};
 use refold::demo::{DemoConfig, DemoEvent, Generator};
-use refold::log::partition_for;
 use refold::position::Position;
 use refold::server::{Refold, open_log};
 use serde_json::{Value, json};
@@ -75,35 +74,15 @@ fn demo(seed: u64, n: usize) -> (Vec<DemoEvent>, Oracle) {
     })
     .take(n);
     let mut oracle = Oracle::new();
-    for e in &events {
-        oracle.apply(
-            partition_for(&e.stream, PARTITIONS),
-            &e.stream,
-            &e.event_type,
-            &e.data,
-        );
-    }
+    oracle.apply_demo(&events, PARTITIONS);
     (events, oracle)
 }
 
 /// Follows a search's cursors to the end: every hit, in order.
 async fn all_hits(app: &Router, uri: &str) -> Vec<Value> {
-    let mut hits = Vec::new();
-    let mut cursor: Option<String> = None;
-    for _ in 0..10_000 {
-        let page = match &cursor {
-            Some(c) => format!("{uri}&cursor={c}"),
-            None => uri.to_owned(),
-        };
-        let (st, b) = get(app, &page).await;
-        assert_eq!(st, 200, "{page}: {b}");
-        hits.extend(b["hits"].as_array().unwrap().iter().cloned());
-        match b["cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_owned()),
-            None => return hits,
-        }
-    }
-    panic!("{uri}: the cursors never ended");
+    common::follow_cursors(uri, |page| async move { get(app, &page).await })
+        .await
+        .unwrap()
 }
 
 fn keys(hits: &[Value]) -> Vec<String> {
@@ -496,22 +475,8 @@ async fn replay_under_load_switches_generations(es: bool) {
     let (st, b) = post(&app, "/projections/posts/replay", String::new()).await;
     assert_eq!(st, 202, "{b}");
     // New posts in a new tribe arrive during the replay.
-    let fresh: Vec<DemoEvent> = (0..200)
-        .map(|i| DemoEvent {
-            stream: format!("post-fresh{i}"),
-            event_type: "PostPublished".into(),
-            data: json!({"post_id": format!("fresh{i}"), "tribe_id": "tfresh", "author_id": "u1",
-                         "title": "fresh", "body": "new"}),
-        })
-        .collect();
-    for e in &fresh {
-        oracle.apply(
-            partition_for(&e.stream, PARTITIONS),
-            &e.stream,
-            &e.event_type,
-            &e.data,
-        );
-    }
+    let fresh = common::fresh_posts(200);
+    oracle.apply_demo(&fresh, PARTITIONS);
     let mut pos = pos;
     for chunk in fresh.chunks(20) {
         pos.merge(&ingest(&app, chunk).await);

@@ -215,6 +215,15 @@ async fn run(s: &Setup, batches: u64) -> (u32, Oracle) {
     (conflicts, oracle)
 }
 
+/// Likes over every document: one per liking event, if nothing was doubled.
+fn total_likes(oracle: &Oracle) -> i64 {
+    oracle
+        .docs
+        .values()
+        .map(|d| d["likes"].as_i64().unwrap())
+        .sum()
+}
+
 #[tokio::test]
 async fn rejected_bulk_requests_are_sent_again() {
     let s = setup("esf-reject").await;
@@ -228,11 +237,7 @@ async fn rejected_bulk_requests_are_sent_again() {
     assert_eq!(conflicts, 0, "nothing was applied by a rejected request");
     s.check(&oracle).await;
     // Counters are not doubled: 60 events, 5 keys, likes on 5 of every 7 offsets.
-    let likes: i64 = oracle
-        .docs
-        .values()
-        .map(|d| d["likes"].as_i64().unwrap())
-        .sum();
+    let likes = total_likes(&oracle);
     assert_eq!(likes, (0..60).filter(|o| o % 7 < 5).count() as i64);
     s.cleanup().await;
 }
@@ -262,11 +267,7 @@ async fn items_reported_failed_after_being_applied_are_not_applied_twice() {
     // new fold that skips what the documents already hold.
     assert_eq!(conflicts, 3);
     s.check(&oracle).await;
-    let likes: i64 = oracle
-        .docs
-        .values()
-        .map(|d| d["likes"].as_i64().unwrap())
-        .sum();
+    let likes = total_likes(&oracle);
     assert_eq!(likes, (0..80).filter(|o| o % 7 < 5).count() as i64);
     s.cleanup().await;
 }

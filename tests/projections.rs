@@ -81,13 +81,6 @@ fn demo_events(seed: u64, n: usize) -> Vec<DemoEvent> {
     .take(n)
 }
 
-fn fold_oracle(oracle: &mut Oracle, events: &[DemoEvent]) {
-    for e in events {
-        let p = refold::log::partition_for(&e.stream, PARTITIONS);
-        oracle.apply(p, &e.stream, &e.event_type, &e.data);
-    }
-}
-
 /// Posts `events` in NDJSON bulks; every one must be appended. Returns the merged
 /// position token.
 async fn ingest(api: &Api, events: &[DemoEvent]) -> Position {
@@ -108,7 +101,7 @@ async fn ingest(api: &Api, events: &[DemoEvent]) -> Position {
 async fn seeded(api: &Api, seed: u64, n: usize) -> (Oracle, Position) {
     let events = demo_events(seed, n);
     let mut oracle = Oracle::new();
-    fold_oracle(&mut oracle, &events);
+    oracle.apply_demo(&events, PARTITIONS);
     (oracle, ingest(api, &events).await)
 }
 
@@ -234,29 +227,11 @@ async fn check_documents(api: &Api, oracle: &Oracle, q: &str) -> Result<(), Stri
 
 /// Every hit's key of a search, following its cursors to the end.
 async fn list_keys(api: &Api, uri: &str) -> Result<Vec<String>, String> {
-    let mut keys = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let page = match &cursor {
-            Some(c) => format!("{uri}&cursor={c}"),
-            None => uri.to_owned(),
-        };
-        let (status, b) = api.get(&page).await;
-        if status != 200 {
-            return Err(format!("{page}: {status} {b}"));
-        }
-        keys.extend(
-            b["hits"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|h| h["key"].as_str().unwrap().to_owned()),
-        );
-        match b["cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_owned()),
-            None => return Ok(keys),
-        }
-    }
+    let hits = common::follow_cursors(uri, |page| async move { api.get(&page).await }).await?;
+    Ok(hits
+        .iter()
+        .map(|h| h["key"].as_str().unwrap().to_owned())
+        .collect())
 }
 
 fn config(settings: Settings) -> Config {
@@ -308,7 +283,7 @@ async fn embedded_read_models_equal_an_independent_fold() {
     let (r, api) = start(&embedded(dir.path(), 1000)).await;
     let events = demo_events(1, 3000);
     let mut oracle = Oracle::new();
-    fold_oracle(&mut oracle, &events);
+    oracle.apply_demo(&events, PARTITIONS);
     assert_eq!(oracle.unranked(), 0);
     let pos = ingest(&api, &events).await;
     check_models(&api, &oracle, &pos, false).await.unwrap();
@@ -362,7 +337,7 @@ async fn a_query_with_an_append_token_sees_that_append() {
     let (r, api) = start(&embedded(dir.path(), 5)).await;
     let events = demo_events(3, 2000);
     let mut oracle = Oracle::new();
-    fold_oracle(&mut oracle, &events);
+    oracle.apply_demo(&events, PARTITIONS);
     ingest(&api, &events).await;
     let body = json!({"type": "PostLiked", "data": {"post_id": "p1", "user_id": "ryw"}});
     let (st, b) = api
@@ -447,15 +422,8 @@ async fn replay_under_load_serves_only_complete_generations() {
     }
     // New posts in a new tribe arrive during the replay (the watched posts keep
     // their values).
-    let fresh: Vec<DemoEvent> = (0..300)
-        .map(|i| DemoEvent {
-            stream: format!("post-fresh{i}"),
-            event_type: "PostPublished".into(),
-            data: json!({"post_id": format!("fresh{i}"), "tribe_id": "tfresh", "author_id": "u1",
-                         "title": "fresh", "body": "new"}),
-        })
-        .collect();
-    fold_oracle(&mut oracle, &fresh);
+    let fresh = common::fresh_posts(300);
+    oracle.apply_demo(&fresh, PARTITIONS);
     let (st, b) = api
         .without_body("POST", "/projections/post_stats/replay")
         .await;
@@ -729,7 +697,7 @@ async fn a_redis_that_lost_its_data_is_detected_and_rebuilt() {
     let (r, api) = start(&config).await;
     let events = demo_events(7, 1500);
     let mut oracle = Oracle::new();
-    fold_oracle(&mut oracle, &events[..1000]);
+    oracle.apply_demo(&events[..1000], PARTITIONS);
     let pos = ingest(&api, &events[..1000]).await;
     check_models(&api, &oracle, &pos, true).await.unwrap();
 
@@ -741,7 +709,7 @@ async fn a_redis_that_lost_its_data_is_detected_and_rebuilt() {
         async move { open_kv(config).await.ok() }
     })
     .await;
-    fold_oracle(&mut oracle, &events[1000..]);
+    oracle.apply_demo(&events[1000..], PARTITIONS);
     let mut pos = pos;
     pos.merge(&ingest(&api, &events[1000..]).await);
     // Without detection the models would hold only the last 500 events.
@@ -852,7 +820,7 @@ async fn the_demo_command_posts_a_realistic_stream() {
     })
     .take(1200);
     let mut oracle = Oracle::new();
-    fold_oracle(&mut oracle, &events);
+    oracle.apply_demo(&events, PARTITIONS);
     let s = common::eventually(30, "the demo events to be projected", || {
         let api = api.clone();
         async move {

@@ -42,6 +42,45 @@ pub fn elasticsearch_url() -> String {
     )
 }
 
+/// `n` PostPublished of new posts `fresh0…` in a new tribe `tfresh`: events that
+/// arrive during a replay without changing the posts a test watches.
+pub fn fresh_posts(n: usize) -> Vec<refold::demo::DemoEvent> {
+    (0..n)
+        .map(|i| refold::demo::DemoEvent {
+            stream: format!("post-fresh{i}"),
+            event_type: "PostPublished".into(),
+            data: serde_json::json!({"post_id": format!("fresh{i}"), "tribe_id": "tfresh",
+                                     "author_id": "u1", "title": "fresh", "body": "new"}),
+        })
+        .collect()
+}
+
+/// Every hit of a search (`GET /views/{p}?…` as `first`), in order, following
+/// its cursors until one is `null`. `get` sends a GET and returns status and body.
+pub async fn follow_cursors<F, Fut>(first: &str, get: F) -> Result<Vec<Value>, String>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = (u16, Value)>,
+{
+    let mut hits = Vec::new();
+    let mut page = first.to_owned();
+    for _ in 0..10_000 {
+        let (status, b) = get(page.clone()).await;
+        if status != 200 {
+            return Err(format!("{page}: {status} {b}"));
+        }
+        let Some(page_hits) = b["hits"].as_array() else {
+            return Err(format!("{page}: no `hits` array in {b}"));
+        };
+        hits.extend(page_hits.iter().cloned());
+        match b["cursor"].as_str() {
+            Some(c) => page = format!("{first}&cursor={c}"),
+            None => return Ok(hits),
+        }
+    }
+    Err(format!("{first}: the cursors never ended"))
+}
+
 /// Removes every key of a test's namespace (or topic prefix) from the shared Redis.
 pub async fn redis_remove_namespace(ns: &str) {
     let client = ::redis::Client::open(redis_url()).unwrap();

@@ -132,6 +132,15 @@ impl Oracle {
         }))
     }
 
+    /// Folds demo events in the order given, each in the partition refold puts
+    /// its stream in (of `partitions`).
+    pub fn apply_demo(&mut self, events: &[refold::demo::DemoEvent], partitions: u32) {
+        for e in events {
+            let p = refold::log::partition_for(&e.stream, partitions);
+            self.apply(p, &e.stream, &e.event_type, &e.data);
+        }
+    }
+
     /// The `posts` and `users` document models.
     fn apply_documents(&mut self, event_type: &str, data: &Value) {
         match event_type {
