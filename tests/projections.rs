@@ -355,8 +355,11 @@ async fn a_query_with_an_append_token_sees_that_append() {
         lag > 0,
         "the projection must still be behind, or this proves nothing"
     );
+    // The projection is far behind on purpose (batches of 5, five projections
+    // sharing two cores): give it the longest wait, so what decides is whether
+    // the answer includes the append, not how fast the machine is.
     let (st, got) = api
-        .get(&format!("/views/post_stats/p1?after={token}"))
+        .get(&format!("/views/post_stats/p1?after={token}&wait_ms=60000"))
         .await;
     assert_eq!(st, 200, "{got}");
     let want = oracle.post_stats("p1").unwrap()["likes"].as_i64().unwrap() + 1;
