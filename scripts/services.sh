@@ -59,18 +59,8 @@ start_tansu() {
 # grows quadratically (17k events: 57 s, or no answer at all; with this index:
 # 0.5 s). The index is added once the broker has created its schema.
 index_tansu_db() {
-  python3 - "$1" <<'PY' || { say "could not index the tansu header table"; return 1; }
-import sqlite3, sys, time
-db = sqlite3.connect(sys.argv[1], timeout=30)
-for _ in range(100):
-    if db.execute("select 1 from sqlite_master where type = 'table' and name = 'header'").fetchone():
-        break
-    time.sleep(0.1)
-else:
-    sys.exit("tansu did not create its header table")
-db.execute("create index if not exists refold_header_topition_offset on header (topition, offset_id)")
-db.commit()
-PY
+  python3 "$(dirname "${BASH_SOURCE[0]}")/index-tansu-db.py" "$1" \
+    || { say "could not index the tansu header table"; return 1; }
 }
 
 start_redis() {

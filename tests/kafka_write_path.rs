@@ -5,10 +5,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::backends::Broker;
 use common::{eventually, kafka_config, post_json, unique};
 use refold::config::Config;
 use refold::http::app;
@@ -188,68 +188,6 @@ async fn concurrent_appends_and_retries_on_kafka() {
     refold.stop().await;
 }
 
-/// A tansu broker of this test's own, on its own port and storage.
-struct Broker {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl Broker {
-    fn start(dir: tempfile::TempDir, port: u16) -> Broker {
-        let bin = std::env::var("TEST_TANSU_BIN").unwrap_or_else(|_| "tansu".into());
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(&bin)
-            .current_dir(dir.path())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "sqlite://tansu.db",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start {bin} (set TEST_TANSU_BIN or run scripts/test.sh): {e}")
-            });
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "tansu did not open port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Broker {
-            child: Some(child),
-            dir,
-            port,
-        }
-    }
-
-    fn kill(mut self) -> (tempfile::TempDir, u16) {
-        let mut c = self.child.take().unwrap();
-        c.kill().unwrap();
-        c.wait().unwrap();
-        (
-            std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()),
-            self.port,
-        )
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 #[tokio::test]
 async fn a_broker_outage_is_never_answered_with_2xx() {

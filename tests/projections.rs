@@ -10,66 +10,18 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use axum::Router;
-use common::oracle::{Oracle, check_feed};
+use common::backends::PrivateRedis;
+use common::models::{Api, check_models};
+use common::oracle::Oracle;
 use common::{Proc, unique};
 use refold::config::{Config, LogBackend, Settings};
 use refold::demo::{DemoConfig, DemoEvent, Generator};
 use refold::position::Position;
 use refold::projection::engine::{Engine, EngineConfig};
-use refold::server::{Refold, load_projections, open_kv, open_log, open_stores};
+use refold::server::{Refold, load_projections, open_log, open_stores};
 use serde_json::{Value, json};
 
 const PARTITIONS: u32 = 3;
-
-/// The service under test: in process (router) or a spawned binary (socket).
-#[derive(Clone)]
-enum Api {
-    Local(Router),
-    Remote(reqwest::Client, String),
-}
-
-impl Api {
-    async fn send(
-        &self,
-        method: &str,
-        uri: &str,
-        content_type: &str,
-        body: String,
-    ) -> (u16, Value) {
-        match self {
-            Api::Local(app) => {
-                let r = common::call(app, method, uri, content_type, body).await;
-                (r.status.as_u16(), r.body)
-            }
-            Api::Remote(client, base) => {
-                let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-                let r = client
-                    .request(m, format!("{base}{uri}"))
-                    .header("content-type", content_type)
-                    .body(body)
-                    .send()
-                    .await
-                    .unwrap();
-                let status = r.status().as_u16();
-                let text = r.text().await.unwrap();
-                (
-                    status,
-                    serde_json::from_str(&text).unwrap_or(Value::String(text)),
-                )
-            }
-        }
-    }
-
-    async fn get(&self, uri: &str) -> (u16, Value) {
-        self.without_body("GET", uri).await
-    }
-
-    async fn without_body(&self, method: &str, uri: &str) -> (u16, Value) {
-        self.send(method, uri, "application/json", String::new())
-            .await
-    }
-}
 
 fn demo_events(seed: u64, n: usize) -> Vec<DemoEvent> {
     Generator::new(DemoConfig {
@@ -103,135 +55,6 @@ async fn seeded(api: &Api, seed: u64, n: usize) -> (Oracle, Position) {
     let mut oracle = Oracle::new();
     oracle.apply_demo(&events, PARTITIONS);
     (oracle, ingest(api, &events).await)
-}
-
-/// Every read model of the demo equals the oracle once `after` is applied.
-/// `approx`: unique_viewers comes from a HyperLogLog (Redis).
-async fn check_models(
-    api: &Api,
-    oracle: &Oracle,
-    after: &Position,
-    approx: bool,
-) -> Result<(), String> {
-    let q = if after.is_empty() {
-        "wait_ms=60000".to_owned()
-    } else {
-        format!("after={after}&wait_ms=60000")
-    };
-    for post in oracle.post_ids() {
-        let want = oracle.post_stats(&post).unwrap();
-        let (status, got) = api.get(&format!("/views/post_stats/{post}?{q}")).await;
-        if status != 200 {
-            return Err(format!("post_stats {post}: {status} {got}"));
-        }
-        for f in ["likes", "views", "comments"] {
-            if got[f] != want[f] {
-                return Err(format!("post_stats {post}.{f}: got {got}, want {want}"));
-            }
-        }
-        let tribe = got.get("tribe_id").cloned().unwrap_or(Value::Null);
-        if tribe != want["tribe_id"] {
-            return Err(format!(
-                "post_stats {post}.tribe_id: got {got}, want {want}"
-            ));
-        }
-        let (g, w) = (
-            got["unique_viewers"].as_f64().unwrap(),
-            want["unique_viewers"].as_f64().unwrap(),
-        );
-        let tolerance = if approx { (w * 0.02).max(1.0) } else { 0.0 };
-        if (g - w).abs() > tolerance {
-            return Err(format!(
-                "post_stats {post}.unique_viewers: got {g}, want {w}"
-            ));
-        }
-    }
-    for tribe in oracle.tribe_ids() {
-        let (status, got) = api
-            .get(&format!(
-                "/views/post_stats/rankings/top_posts:{tribe}?limit=1000&{q}"
-            ))
-            .await;
-        if status != 200 {
-            return Err(format!("ranking {tribe}: {status} {got}"));
-        }
-        let mut got: Vec<(String, f64)> = got["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| {
-                (
-                    m["member"].as_str().unwrap().to_owned(),
-                    m["score"].as_f64().unwrap(),
-                )
-            })
-            .collect();
-        let want = oracle.top_posts(&tribe);
-        let scores: Vec<f64> = got.iter().map(|m| m.1).collect();
-        if scores.windows(2).any(|w| w[0] < w[1]) {
-            return Err(format!("ranking {tribe} is not highest first: {got:?}"));
-        }
-        got.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut want_sorted = want.clone();
-        want_sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        if got != want_sorted {
-            return Err(format!(
-                "ranking {tribe}: got {got:?}, want {want_sorted:?}"
-            ));
-        }
-        let (status, feed) = api.get(&format!("/views/tribe_feed/{tribe}?{q}")).await;
-        match (status, oracle.tribe_posts(&tribe).is_empty()) {
-            (404, true) => {}
-            (200, false) => {
-                let feed: Vec<String> = serde_json::from_value(feed["posts"].clone()).unwrap();
-                check_feed(oracle, &tribe, &feed)?;
-            }
-            _ => return Err(format!("tribe_feed {tribe}: {status} {feed}")),
-        }
-    }
-    check_documents(api, oracle, &q).await
-}
-
-/// The document models `posts` and `users` equal the oracle, key by key, and
-/// their listings hold exactly the oracle's keys.
-async fn check_documents(api: &Api, oracle: &Oracle, q: &str) -> Result<(), String> {
-    for post in oracle.post_doc_ids() {
-        let want = oracle.post_doc(&post).unwrap();
-        let (status, got) = api.get(&format!("/views/posts/{post}?{q}")).await;
-        if (status, &got) != (200, &want) {
-            return Err(format!("posts {post}: got {status} {got}, want {want}"));
-        }
-    }
-    for user in oracle.user_ids() {
-        let want = oracle.user_doc(&user).unwrap();
-        let (status, got) = api.get(&format!("/views/users/{user}?{q}")).await;
-        if (status, &got) != (200, &want) {
-            return Err(format!("users {user}: got {status} {got}, want {want}"));
-        }
-    }
-    for (projection, want) in [
-        ("posts", oracle.post_doc_ids()),
-        ("users", oracle.user_ids()),
-    ] {
-        let got = list_keys(api, &format!("/views/{projection}?{q}&limit=100")).await?;
-        if got != want {
-            return Err(format!(
-                "listing {projection}: {} keys, want {}",
-                got.len(),
-                want.len()
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Every hit's key of a search, following its cursors to the end.
-async fn list_keys(api: &Api, uri: &str) -> Result<Vec<String>, String> {
-    let hits = common::follow_cursors(uri, |page| async move { api.get(&page).await }).await?;
-    Ok(hits
-        .iter()
-        .map(|h| h["key"].as_str().unwrap().to_owned())
-        .collect())
 }
 
 fn config(settings: Settings) -> Config {
@@ -671,32 +494,8 @@ async fn sigkill_while_projecting_on_kafka_and_redis_matches_the_oracle() {
 #[tokio::test]
 async fn a_redis_that_lost_its_data_is_detected_and_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let start_redis = || {
-        Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH (scripts/services.sh installs it)")
-    };
-    let mut redis = start_redis();
-    let url = format!("redis://127.0.0.1:{port}/");
-    let config = kafka_redis(dir.path(), &url);
-    let connected = common::eventually(20, "redis to start", || {
-        let config = &config;
-        async move { open_kv(config).await.ok() }
-    })
-    .await;
-    drop(connected);
+    let mut redis = PrivateRedis::start(common::free_port());
+    let config = kafka_redis(dir.path(), &redis.url());
     let (r, api) = start(&config).await;
     let events = demo_events(7, 1500);
     let mut oracle = Oracle::new();
@@ -704,22 +503,13 @@ async fn a_redis_that_lost_its_data_is_detected_and_rebuilt() {
     let pos = ingest(&api, &events[..1000]).await;
     check_models(&api, &oracle, &pos, true).await.unwrap();
 
-    redis.kill().unwrap();
-    redis.wait().unwrap();
-    let mut redis = start_redis();
-    common::eventually(20, "redis to restart", || {
-        let config = &config;
-        async move { open_kv(config).await.ok() }
-    })
-    .await;
+    redis.restart();
     oracle.apply_demo(&events[1000..], PARTITIONS);
     let mut pos = pos;
     pos.merge(&ingest(&api, &events[1000..]).await);
     // Without detection the models would hold only the last 500 events.
     check_models(&api, &oracle, &pos, true).await.unwrap();
     r.stop().await;
-    redis.kill().unwrap();
-    redis.wait().unwrap();
 }
 
 #[tokio::test]

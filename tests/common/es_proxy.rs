@@ -44,6 +44,8 @@ pub enum BulkFault {
     /// Leave these items out of the forwarded request and report them as failed
     /// with `status` (they really were not applied). `usize::MAX` means every item.
     DropBefore { items: Vec<usize>, status: u16 },
+    /// Hold the request this long, then forward it (an overloaded or paused node).
+    Stall(std::time::Duration),
 }
 
 #[derive(Default)]
@@ -63,7 +65,7 @@ struct Shared {
     upstream: String,
     http: reqwest::Client,
     plan: Mutex<Plan>,
-    /// Requests rejected whole, plus items reported failed.
+    /// Requests rejected or stalled whole, plus items reported failed.
     injected: AtomicU64,
     /// `_bulk` requests seen (touched or not).
     bulks: AtomicU64,
@@ -114,7 +116,8 @@ impl EsProxy {
         self.shared.plan.lock().unwrap().min_items = n;
     }
 
-    /// Faults really injected: whole requests rejected plus items reported failed.
+    /// Faults really injected: whole requests rejected or stalled plus items
+    /// reported failed.
     pub fn injected(&self) -> u64 {
         self.shared.injected.load(Ordering::SeqCst)
     }
@@ -161,6 +164,11 @@ async fn handle(
         return forward(&s, method, &uri, &headers, body).await;
     };
     match fault {
+        BulkFault::Stall(pause) => {
+            s.injected.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(pause).await;
+            forward(&s, method, &uri, &headers, body).await
+        }
         BulkFault::Reject(status) => {
             s.injected.fetch_add(1, Ordering::SeqCst);
             json_response(

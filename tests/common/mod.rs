@@ -2,7 +2,9 @@
 //! for the in-process router, and a spawned `refold` process.
 #![allow(dead_code)]
 
+pub mod backends;
 pub mod es_proxy;
+pub mod models;
 pub mod oracle;
 
 use std::path::Path;
@@ -229,8 +231,14 @@ pub fn free_port() -> u16 {
 impl Proc {
     /// Starts `refold serve` with `args` and waits until /healthz answers.
     pub async fn serve(args: &[&str], log_dir: &Path) -> Proc {
-        let port = free_port();
-        let log_path = log_dir.join(format!("refold-{port}.log"));
+        Self::serve_on(free_port(), args, log_dir).await
+    }
+
+    /// [`Proc::serve`] on a given port (a restart where clients expect it).
+    pub async fn serve_on(port: u16, args: &[&str], log_dir: &Path) -> Proc {
+        static STARTS: AtomicU32 = AtomicU32::new(0);
+        let n = STARTS.fetch_add(1, Ordering::Relaxed);
+        let log_path = log_dir.join(format!("refold-{port}-{n}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_refold"))
             .arg("serve")

@@ -1,0 +1,1067 @@
+//! The fault harness: refold's promises (I1-I10 in DESIGN.md) under faults, with
+//! figures.
+//!
+//! Each case starts refold as users run it (`refold serve` on tansu, Redis and
+//! osmem-server), drives demo events at it from concurrent clients that retry as a
+//! careful client does (same event ids, after timeouts, 5xx and 429), injects one
+//! kind of fault, heals it, and then checks against the log itself:
+//! - every acknowledged event is in the log exactly once, in its stream, at the
+//!   version it was acknowledged with (I1, I4); a refused one is not there at all;
+//!   no event id is in the log twice; every stream's versions are 1..n (I2);
+//! - once the projections have applied the whole log, every read model equals an
+//!   independent fold of the log (`common::oracle`), with nothing counted twice
+//!   (I6), and every poison event is exactly one dead letter (I8).
+//!
+//! Every case prints its row of the table (on stderr, which the test harness does
+//! not capture) and appends it to `target/fault-report.md`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::backends::{Broker, PrivateRedis};
+use common::es_proxy::{BulkFault, EsProxy, es_remove_namespace};
+use common::models::{Api, Diffs, model_diffs};
+use common::oracle::Oracle;
+use common::{Proc, free_port, redis_remove_namespace, unique};
+use refold::demo::{DemoConfig, Generator};
+use refold::log::EventLog;
+use refold::log::kafka::KafkaLog;
+use refold::position::Position;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+/// One event the load will send.
+#[derive(Debug, Clone)]
+struct Planned {
+    id: Uuid,
+    stream: String,
+    event_type: String,
+    data: Value,
+    /// Valid JSON that `post_stats` and `posts` cannot apply (no usable `post_id`).
+    poison: bool,
+}
+
+/// `n` demo events of `seed`; every `poison_every`-th is a poison event instead (0:
+/// none).
+fn plan(seed: u64, n: usize, poison_every: usize) -> Vec<Planned> {
+    let demo = Generator::new(DemoConfig {
+        seed,
+        users: 80,
+        tribes: 6,
+        hot_share: 0.3,
+    })
+    .take(n);
+    demo.into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let poison = poison_every > 0 && i % poison_every == poison_every - 1;
+            let (event_type, data) = match (poison, i % 2) {
+                (false, _) => (e.event_type, e.data),
+                (true, 0) => ("PostLiked".into(), json!({"user_id": "u1"})),
+                (true, _) => (
+                    "CommentAdded".into(),
+                    json!({"post_id": {"not": "a key"}, "comment_id": "c", "user_id": "u1", "text": "x"}),
+                ),
+            };
+            Planned {
+                id: Uuid::new_v4(),
+                stream: if poison {
+                    format!("post-poison{i}")
+                } else {
+                    e.stream
+                },
+                event_type,
+                data,
+                poison,
+            }
+        })
+        .collect()
+}
+
+/// How the clients behave.
+#[derive(Debug, Clone)]
+struct LoadSpec {
+    clients: usize,
+    /// Every `bulk_every`-th request of a client is an NDJSON bulk of up to
+    /// `bulk_size` events (0: single-event requests only).
+    bulk_every: usize,
+    bulk_size: usize,
+    /// Client-side timeout of one request.
+    timeout: Duration,
+    /// How long a client retries one request (same ids) before it gives up.
+    retry_for: Duration,
+}
+
+impl Default for LoadSpec {
+    fn default() -> Self {
+        Self {
+            clients: 8,
+            bulk_every: 3,
+            bulk_size: 10,
+            timeout: Duration::from_secs(20),
+            retry_for: Duration::from_secs(180),
+        }
+    }
+}
+
+/// What sending one event came to, as the client saw it.
+#[derive(Debug, Clone, PartialEq)]
+enum Outcome {
+    /// 201, or 200 for a repeat: in the log at this version.
+    Acked(u64),
+    /// A 4xx (or 429 until the client gave up) and no attempt with an unknown
+    /// result: not appended.
+    Refused(u16),
+    /// No definite answer (timeouts, dropped connections, 5xx).
+    Unknown,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    timeouts: AtomicU64,
+    /// Connection refused or reset, or a response cut off.
+    broken: AtomicU64,
+    /// 429 and 503 answers (each with Retry-After).
+    throttled: AtomicU64,
+    /// Other 5xx answers.
+    errors_5xx: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Concurrent clients sending a plan of events to one address.
+struct Load {
+    acked: Arc<AtomicUsize>,
+    counters: Arc<Counters>,
+    plan: Arc<Vec<Planned>>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<(usize, Outcome)>>>,
+    started: Instant,
+}
+
+impl Load {
+    fn start(base: &str, plan: Vec<Planned>, spec: LoadSpec) -> Load {
+        let plan = Arc::new(plan);
+        let next = Arc::new(AtomicUsize::new(0));
+        let acked = Arc::new(AtomicUsize::new(0));
+        let counters = Arc::new(Counters::default());
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(spec.clients)
+            .build()
+            .unwrap();
+        let tasks = (0..spec.clients)
+            .map(|c| {
+                let client = Client {
+                    http: http.clone(),
+                    base: base.to_owned(),
+                    spec: spec.clone(),
+                    counters: counters.clone(),
+                };
+                let (plan, next, acked) = (plan.clone(), next.clone(), acked.clone());
+                tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    for r in 0.. {
+                        let bulk = spec.bulk_every > 0 && (r + c) % spec.bulk_every == 0;
+                        let k = if bulk { spec.bulk_size } else { 1 };
+                        let from = next.fetch_add(k, Ordering::Relaxed);
+                        if from >= plan.len() {
+                            break;
+                        }
+                        let idx: Vec<usize> = (from..(from + k).min(plan.len())).collect();
+                        let results = if bulk {
+                            client.bulk(&plan, &idx).await
+                        } else {
+                            vec![(idx[0], client.single(&plan[idx[0]]).await)]
+                        };
+                        let n = results
+                            .iter()
+                            .filter(|(_, o)| matches!(o, Outcome::Acked(_)))
+                            .count();
+                        acked.fetch_add(n, Ordering::SeqCst);
+                        out.extend(results);
+                    }
+                    out
+                })
+            })
+            .collect();
+        Load {
+            acked,
+            counters,
+            plan,
+            tasks,
+            started: Instant::now(),
+        }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` events are acknowledged.
+    async fn until_acked(&self, n: usize) {
+        common::eventually(300, &format!("{n} events acknowledged"), || async {
+            (self.acked() >= n).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits for every client to finish; each planned event with its outcome.
+    async fn finish(self) -> Sent {
+        let mut outcomes = vec![None; self.plan.len()];
+        for t in self.tasks {
+            for (i, o) in t.await.unwrap() {
+                outcomes[i] = Some(o);
+            }
+        }
+        let events = self
+            .plan
+            .iter()
+            .cloned()
+            .zip(outcomes)
+            .map(|(p, o)| (p, o.expect("every planned event was sent")))
+            .collect();
+        Sent {
+            events,
+            counters: self.counters,
+            elapsed: self.started.elapsed(),
+        }
+    }
+}
+
+/// What the load sent and how each event ended.
+struct Sent {
+    events: Vec<(Planned, Outcome)>,
+    counters: Arc<Counters>,
+    elapsed: Duration,
+}
+
+/// One client: sends, and retries what has no definite answer.
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    spec: LoadSpec,
+    counters: Arc<Counters>,
+}
+
+/// How one attempt ended.
+enum Attempt {
+    /// A status and body.
+    Answer(u16, Value, Duration),
+    /// No answer: the request may or may not have been applied.
+    Lost,
+}
+
+impl Client {
+    async fn attempt(&self, uri: &str, content_type: &str, body: String) -> Attempt {
+        bump(&self.counters.requests);
+        let sent = self
+            .http
+            .post(format!("{}{uri}", self.base))
+            .header("content-type", content_type)
+            .body(body)
+            .timeout(self.spec.timeout)
+            .send()
+            .await;
+        let r = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                bump(if e.is_timeout() {
+                    &self.counters.timeouts
+                } else {
+                    &self.counters.broken
+                });
+                return Attempt::Lost;
+            }
+        };
+        let status = r.status().as_u16();
+        let retry_after = r
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(Duration::from_millis(200), Duration::from_secs);
+        match r.json::<Value>().await {
+            Ok(b) => {
+                match status {
+                    429 | 503 => bump(&self.counters.throttled),
+                    500.. => bump(&self.counters.errors_5xx),
+                    _ => {}
+                }
+                Attempt::Answer(status, b, retry_after.min(Duration::from_secs(2)))
+            }
+            Err(e) => {
+                bump(if e.is_timeout() {
+                    &self.counters.timeouts
+                } else {
+                    &self.counters.broken
+                });
+                Attempt::Lost
+            }
+        }
+    }
+
+    async fn single(&self, p: &Planned) -> Outcome {
+        let uri = format!("/streams/{}/events", p.stream);
+        let body = json!({"type": p.event_type, "data": p.data, "id": p.id}).to_string();
+        let deadline = Instant::now() + self.spec.retry_for;
+        let mut maybe_applied = false;
+        let mut last = 0;
+        while Instant::now() < deadline {
+            let pause = match self.attempt(&uri, "application/json", body.clone()).await {
+                Attempt::Answer(200 | 201, b, _) => {
+                    return Outcome::Acked(b["first_version"].as_u64().expect("first_version"));
+                }
+                Attempt::Answer(s @ (429 | 500..), _, pause) => {
+                    maybe_applied |= s >= 500;
+                    last = s;
+                    pause
+                }
+                Attempt::Answer(s, _, _) => return Outcome::Refused(s),
+                Attempt::Lost => {
+                    maybe_applied = true;
+                    Duration::from_millis(100)
+                }
+            };
+            tokio::time::sleep(pause).await;
+        }
+        if maybe_applied {
+            Outcome::Unknown
+        } else {
+            Outcome::Refused(last)
+        }
+    }
+
+    async fn bulk(&self, plan: &[Planned], idx: &[usize]) -> Vec<(usize, Outcome)> {
+        let mut pending: Vec<usize> = idx.to_vec();
+        let mut maybe_applied: HashMap<usize, bool> = HashMap::new();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + self.spec.retry_for;
+        while !pending.is_empty() && Instant::now() < deadline {
+            let body: String = pending
+                .iter()
+                .map(|&i| {
+                    let p = &plan[i];
+                    format!(
+                        "{}\n",
+                        json!({"stream": p.stream, "type": p.event_type, "data": p.data, "id": p.id})
+                    )
+                })
+                .collect();
+            let pause = match self.attempt("/events", "application/x-ndjson", body).await {
+                Attempt::Answer(200, b, pause) => {
+                    let items = b["items"].as_array().expect("bulk items").clone();
+                    assert_eq!(items.len(), pending.len(), "one item per line: {b}");
+                    let mut still = Vec::new();
+                    for (&i, item) in pending.iter().zip(&items) {
+                        match item["status"].as_u64().unwrap() as u16 {
+                            200 | 201 => out.push((
+                                i,
+                                Outcome::Acked(item["version"].as_u64().expect("version")),
+                            )),
+                            s @ (429 | 500..) => {
+                                *maybe_applied.entry(i).or_default() |= s >= 500;
+                                still.push(i);
+                            }
+                            s => out.push((i, Outcome::Refused(s))),
+                        }
+                    }
+                    pending = still;
+                    pause
+                }
+                Attempt::Answer(s @ (429 | 500..), _, pause) => {
+                    for &i in &pending {
+                        *maybe_applied.entry(i).or_default() |= s >= 500;
+                    }
+                    pause
+                }
+                Attempt::Answer(s, b, _) => panic!("a bulk of valid events got {s}: {b}"),
+                Attempt::Lost => {
+                    for &i in &pending {
+                        maybe_applied.insert(i, true);
+                    }
+                    Duration::from_millis(100)
+                }
+            };
+            if !pending.is_empty() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+        for i in pending {
+            let o = if maybe_applied.get(&i).copied().unwrap_or(false) {
+                Outcome::Unknown
+            } else {
+                Outcome::Refused(429)
+            };
+            out.push((i, o));
+        }
+        out
+    }
+}
+
+/// A refold deployment under test: its backends and its settings.
+struct Stack {
+    dir: tempfile::TempDir,
+    /// Topic prefix, Redis key namespace and Elasticsearch index prefix.
+    prefix: String,
+    brokers: String,
+    redis: String,
+    elasticsearch: String,
+    /// Where refold listens, across restarts.
+    port: u16,
+    extra: Vec<String>,
+}
+
+impl Stack {
+    /// refold on the suite's tansu, Redis and osmem-server, in a namespace of its
+    /// own.
+    fn shared(tag: &str) -> Stack {
+        Stack {
+            dir: tempfile::tempdir().unwrap(),
+            prefix: format!("{}.", unique(tag)),
+            brokers: common::kafka_brokers(),
+            redis: common::redis_url(),
+            elasticsearch: common::elasticsearch_url(),
+            port: free_port(),
+            extra: Vec::new(),
+        }
+    }
+
+    fn args(&self, data: &str) -> Vec<String> {
+        let data = self.dir.path().join(data);
+        let mut args: Vec<String> = [
+            "--log",
+            "kafka",
+            "--kafka-brokers",
+            &self.brokers,
+            "--topic-prefix",
+            &self.prefix,
+            "--auto-migrate",
+            "true",
+            "--redis-url",
+            &self.redis,
+            "--elasticsearch-url",
+            &self.elasticsearch,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .into();
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+
+    /// Starts (or restarts) refold on the stack's port.
+    async fn serve(&self) -> Proc {
+        let args = self.args("data");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::serve_on(self.port, &args, self.dir.path()).await
+    }
+
+    /// A second refold process on the same backends, with its own port and data
+    /// directory.
+    async fn serve_another(&self) -> Proc {
+        let args = self.args("data-2");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::serve(&args, self.dir.path()).await
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn log(&self) -> KafkaLog {
+        KafkaLog::new(&self.brokers, Duration::from_secs(30)).unwrap()
+    }
+
+    async fn remove_read_models(&self) {
+        redis_remove_namespace(&self.prefix).await;
+        es_remove_namespace(&self.prefix.to_lowercase()).await;
+    }
+}
+
+/// The figures of one case: the table's row.
+#[derive(Debug, Default)]
+struct Report {
+    case: String,
+    faults: String,
+    sent: usize,
+    acked: usize,
+    refused: usize,
+    unknown: usize,
+    unknown_in_log: usize,
+    /// Acknowledged but not in the log.
+    lost: usize,
+    /// Event ids in the log more than once.
+    duplicated_in_log: usize,
+    /// Refused but in the log, or acknowledged at another stream or version.
+    misplaced: usize,
+    /// Streams whose versions are not 1..n in log order.
+    gaps: usize,
+    /// Read-model counters above the oracle (an event applied twice).
+    duplicated_in_models: usize,
+    /// Any other read-model difference.
+    other_diffs: usize,
+    dead_letters: String,
+    requests: String,
+    seconds: f64,
+}
+
+const HEADER: &str = "| case | faults injected | sent | acked | refused | unknown (in log) | lost | duplicated in log | misplaced | version gaps | duplicated in read models | other read-model diffs | dead letters (got/want) | requests (timeouts/broken/429+503/5xx) | s |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|";
+
+impl Report {
+    fn row(&self) -> String {
+        format!(
+            "| {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+            self.case,
+            self.faults,
+            self.sent,
+            self.acked,
+            self.refused,
+            self.unknown,
+            self.unknown_in_log,
+            self.lost,
+            self.duplicated_in_log,
+            self.misplaced,
+            self.gaps,
+            self.duplicated_in_models,
+            self.other_diffs,
+            self.dead_letters,
+            self.requests,
+            self.seconds
+        )
+    }
+
+    /// Prints the row past the test harness's capture and appends it to the
+    /// report file.
+    fn publish(&self) {
+        let row = self.row();
+        let _ = writeln!(std::io::stderr(), "\nfault harness:\n{HEADER}\n{row}\n");
+        let path = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .parent()
+            .unwrap()
+            .join("fault-report.md");
+        let fresh = !path.exists();
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            if fresh {
+                let _ = writeln!(f, "{HEADER}");
+            }
+            let _ = writeln!(f, "{row}");
+        }
+    }
+}
+
+/// Checks the log and the read models after a case (see the module doc), prints
+/// the case's row and fails the test on any broken promise.
+async fn verify(
+    case: &str,
+    faults: &dyn Fn() -> String,
+    log: &dyn EventLog,
+    prefix: &str,
+    apis: &[Api],
+    sent: &Sent,
+) -> Report {
+    let topic = format!("{prefix}events");
+    let records = common::events(log, &topic).await;
+    let mut report = Report {
+        case: case.into(),
+        sent: sent.events.len(),
+        seconds: sent.elapsed.as_secs_f64(),
+        ..Default::default()
+    };
+    let c = &sent.counters;
+    report.requests = format!(
+        "{} ({}/{}/{}/{})",
+        c.requests.load(Ordering::Relaxed),
+        c.timeouts.load(Ordering::Relaxed),
+        c.broken.load(Ordering::Relaxed),
+        c.throttled.load(Ordering::Relaxed),
+        c.errors_5xx.load(Ordering::Relaxed)
+    );
+
+    // The log: where every id landed; versions per stream in log order.
+    let mut oracle = Oracle::new();
+    let mut at: HashMap<Uuid, Vec<(String, u64)>> = HashMap::new();
+    let mut heads: HashMap<String, u64> = HashMap::new();
+    let mut gaps = std::collections::BTreeSet::new();
+    let mut end = Position::default();
+    for (partition, offset, record) in &records {
+        let env: refold::event::Envelope =
+            serde_json::from_slice(record.value.as_ref().unwrap()).unwrap();
+        let head = heads.entry(env.stream.clone()).or_default();
+        if env.version != *head + 1 {
+            gaps.insert(env.stream.clone());
+        }
+        *head = env.version;
+        end.include(*partition, *offset);
+        oracle.apply(
+            *partition,
+            &env.stream,
+            &env.event_type,
+            &Value::Object(env.data.clone()),
+        );
+        at.entry(env.id).or_default().push((env.stream, env.version));
+    }
+    report.gaps = gaps.len();
+    report.duplicated_in_log = at.values().filter(|v| v.len() > 1).count();
+    let mut poison_in_log = 0;
+    let mut examples = Vec::new();
+    for (p, outcome) in &sent.events {
+        let found = at.get(&p.id).map_or(&[][..], Vec::as_slice);
+        poison_in_log += usize::from(p.poison && !found.is_empty());
+        match outcome {
+            Outcome::Acked(v) => {
+                report.acked += 1;
+                if found.is_empty() {
+                    report.lost += 1;
+                    examples.push(format!("lost: {} {} v{v}", p.id, p.stream));
+                } else if found[0] != (p.stream.clone(), *v) {
+                    report.misplaced += 1;
+                    examples.push(format!("acked {} at {}/{v}, in the log at {found:?}", p.id, p.stream));
+                }
+            }
+            Outcome::Refused(s) => {
+                report.refused += 1;
+                if !found.is_empty() {
+                    report.misplaced += 1;
+                    examples.push(format!("refused ({s}) but in the log: {} {found:?}", p.id));
+                }
+            }
+            Outcome::Unknown => {
+                report.unknown += 1;
+                report.unknown_in_log += usize::from(!found.is_empty());
+            }
+        }
+    }
+
+    // The read models, once the projections have applied the whole log, as every
+    // process serves them.
+    let mut diffs = Diffs::default();
+    for api in apis {
+        let d = model_diffs(api, &oracle, &end, true).await;
+        diffs.over.extend(d.over);
+        diffs.other.extend(d.other);
+    }
+    let api = &apis[0];
+    report.duplicated_in_models = diffs.over.len();
+    report.other_diffs = diffs.other.len();
+    examples.extend(diffs.over.iter().chain(&diffs.other).take(5).cloned());
+    let mut dead = Vec::new();
+    for projection in ["post_stats", "posts"] {
+        let (s, b) = api.get(&format!("/projections/{projection}")).await;
+        assert_eq!(s, 200, "{b}");
+        let got = b["dead_letters"]["count"].as_u64().unwrap_or(u64::MAX);
+        dead.push(got);
+        if got != poison_in_log as u64 {
+            examples.push(format!(
+                "{projection}: {got} dead letters, want {poison_in_log}: {}",
+                b["dead_letters"]
+            ));
+        }
+    }
+    report.dead_letters = format!("{}, {} / {poison_in_log}", dead[0], dead[1]);
+    report.faults = faults();
+    report.publish();
+
+    assert!(
+        report.lost == 0
+            && report.duplicated_in_log == 0
+            && report.misplaced == 0
+            && report.gaps == 0
+            && diffs.is_empty()
+            && dead.iter().all(|&d| d == poison_in_log as u64),
+        "{case}: promises broken:\n{HEADER}\n{}\n{}",
+        report.row(),
+        examples.join("\n")
+    );
+    assert!(
+        report.acked > 0,
+        "{case}: nothing was acknowledged; the case proved nothing"
+    );
+    report
+}
+
+/// `GET /projections/{name}` of a running refold.
+async fn status(base: &str, name: &str) -> Value {
+    reqwest::get(format!("{base}/projections/{name}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn api(base: &str) -> Api {
+    Api::Remote(reqwest::Client::new(), base.to_owned())
+}
+
+#[tokio::test]
+async fn sigkill_during_ingest() {
+    let stack = Stack::shared("f-kill-ingest");
+    let mut p = stack.serve().await;
+    let load = Load::start(&stack.base(), plan(11, 2500, 0), LoadSpec::default());
+    let mut kills = 0;
+    for at in [500, 1400] {
+        load.until_acked(at).await;
+        p.kill9();
+        kills += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        p = stack.serve().await;
+    }
+    let sent = load.finish().await;
+    verify(
+        "SIGKILL during ingest",
+        &|| format!("{kills} SIGKILL"),
+        &stack.log(),
+        &stack.prefix,
+        &[api(&stack.base())],
+        &sent,
+    )
+    .await;
+    drop(p);
+    stack.remove_read_models().await;
+}
+
+#[tokio::test]
+async fn sigkill_during_projection() {
+    // The events go in first, through a refold without projections; then refold
+    // with the projections is killed twice while they fold (batches of 5, so a
+    // kill lands between or inside Redis transactions and Elasticsearch bulks).
+    let mut stack = Stack::shared("f-kill-proj");
+    let none = stack.dir.path().join("no-projections");
+    std::fs::create_dir_all(&none).unwrap();
+    stack.extra = ["--projections", none.to_str().unwrap(), "--stream-history", "false"]
+        .map(String::from)
+        .into();
+    let mut p = stack.serve().await;
+    let sent = Load::start(&stack.base(), plan(12, 2500, 0), LoadSpec::default())
+        .finish()
+        .await;
+    assert!(p.terminate().success());
+    stack.extra = vec!["--projection-batch".into(), "5".into()];
+    let mut kills = 0;
+    for _ in 0..2 {
+        p = stack.serve().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let lag = |s: Value| s["lag"].as_u64().unwrap_or(0);
+        let behind = lag(status(&stack.base(), "posts").await)
+            + lag(status(&stack.base(), "stream_history").await);
+        assert!(behind > 0, "the kill must land while the projections fold");
+        p.kill9();
+        kills += 1;
+    }
+    let p = stack.serve().await;
+    verify(
+        "SIGKILL during projection",
+        &|| format!("{kills} SIGKILL"),
+        &stack.log(),
+        &stack.prefix,
+        &[api(&stack.base())],
+        &sent,
+    )
+    .await;
+    drop(p);
+    stack.remove_read_models().await;
+}
+
+#[tokio::test]
+async fn broker_killed_and_restarted_during_ingest() {
+    let broker = Broker::start(tempfile::tempdir().unwrap(), free_port());
+    let mut stack = Stack::shared("f-broker");
+    stack.brokers = broker.address();
+    stack.extra = vec!["--kafka-timeout-ms".into(), "3000".into()];
+    let p = stack.serve().await;
+    let load = Load::start(&stack.base(), plan(13, 2500, 0), LoadSpec::default());
+    load.until_acked(700).await;
+    let (dir, port) = broker.kill();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let broker = Broker::start(dir, port);
+    let sent = load.finish().await;
+    verify(
+        "broker SIGKILL + restart during ingest",
+        &|| "1 broker SIGKILL, 4 s down".into(),
+        &stack.log(),
+        &stack.prefix,
+        &[api(&stack.base())],
+        &sent,
+    )
+    .await;
+    drop(p);
+    drop(broker);
+    stack.remove_read_models().await;
+}
+
+#[tokio::test]
+async fn redis_restarted_without_persistence() {
+    let mut redis = PrivateRedis::start(free_port());
+    let mut stack = Stack::shared("f-redis");
+    stack.redis = redis.url();
+    let p = stack.serve().await;
+    let load = Load::start(&stack.base(), plan(14, 2500, 0), LoadSpec::default());
+    load.until_acked(1200).await;
+    redis.restart();
+    let sent = load.finish().await;
+    verify(
+        "Redis restarted empty",
+        &|| "1 Redis restart (all data lost)".into(),
+        &stack.log(),
+        &stack.prefix,
+        &[api(&stack.base())],
+        &sent,
+    )
+    .await;
+    drop(p);
+    stack.remove_read_models().await;
+}
+
+#[tokio::test]
+async fn elasticsearch_answers_429_and_5xx_and_stalls() {
+    let proxy = Arc::new(EsProxy::start(&common::elasticsearch_url()).await);
+    let mut stack = Stack::shared("f-es");
+    stack.elasticsearch = proxy.url.clone();
+    let p = stack.serve().await;
+    let load = Load::start(&stack.base(), plan(15, 2500, 0), LoadSpec::default());
+    // One fault for a `_bulk` every 300 ms while the load runs, in turn: whole
+    // requests refused, stalled, items failed after being applied, items dropped.
+    let stop = Arc::new(AtomicUsize::new(0));
+    let injector = {
+        let (proxy, stop) = (proxy.clone(), stop.clone());
+        tokio::spawn(async move {
+            let faults = [
+                BulkFault::Reject(429),
+                BulkFault::Reject(503),
+                BulkFault::Stall(Duration::from_secs(3)),
+                BulkFault::FailAfter {
+                    items: vec![0, 1, 2],
+                    status: 503,
+                },
+                BulkFault::DropBefore {
+                    items: vec![0, 2],
+                    status: 429,
+                },
+                BulkFault::Reject(500),
+            ];
+            for f in faults.iter().cycle() {
+                if stop.load(Ordering::SeqCst) > 0 {
+                    break;
+                }
+                if proxy.queued() < 2 {
+                    proxy.push(f.clone());
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    let sent = load.finish().await;
+    stop.store(1, Ordering::SeqCst);
+    injector.await.unwrap();
+    let report = verify(
+        "Elasticsearch 429/5xx/stalls",
+        &|| format!("{} bulk faults (429, 5xx, 3 s stalls, items failed or dropped)", proxy.injected()),
+        &stack.log(),
+        &stack.prefix,
+        &[api(&stack.base())],
+        &sent,
+    )
+    .await;
+    assert!(proxy.injected() > 0, "{report:?}");
+    drop(p);
+    stack.remove_read_models().await;
+}
+
+#[tokio::test]
+async fn poison_events_become_dead_letters() {
+    let stack = Stack::shared("f-poison");
+    let p = stack.serve().await;
+    let plan = plan(16, 2000, 25);
+    let poison = plan.iter().filter(|e| e.poison).count();
+    let sent = Load::start(&stack.base(), plan, LoadSpec::default())
+        .finish()
+        .await;
+    verify(
+        "poison events",
+        &|| format!("{poison} poison events"),
+        &stack.log(),
+        &stack.prefix,
+        &[api(&stack.base())],
+        &sent,
+    )
+    .await;
+    drop(p);
+    stack.remove_read_models().await;
+}
+
+#[tokio::test]
+async fn two_processes_project_at_once() {
+    // Both run every projection on every partition into the same stores: the
+    // checkpoint fencing decides which one's batch counts.
+    let stack = Stack::shared("f-two");
+    let a = stack.serve().await;
+    let b = stack.serve_another().await;
+    let sent = Load::start(&stack.base(), plan(17, 2500, 0), LoadSpec::default())
+        .finish()
+        .await;
+    verify(
+        "two processes project at once",
+        &|| "2nd process on the same projections".into(),
+        &stack.log(),
+        &stack.prefix,
+        &[api(&stack.base()), api(&b.base)],
+        &sent,
+    )
+    .await;
+    drop((a, b));
+    stack.remove_read_models().await;
+}
+
+#[tokio::test]
+async fn clients_retry_after_timeouts() {
+    // Requests time out on the client while refold still writes them; the
+    // retries carry the same ids (I4).
+    let stack = Stack::shared("f-retry");
+    let p = stack.serve().await;
+    let spec = LoadSpec {
+        timeout: Duration::from_millis(25),
+        ..LoadSpec::default()
+    };
+    let sent = Load::start(&stack.base(), plan(18, 2000, 0), spec)
+        .finish()
+        .await;
+    let timeouts = sent.counters.timeouts.load(Ordering::Relaxed);
+    verify(
+        "client retries after timeouts",
+        &|| format!("{timeouts} client timeouts (25 ms)"),
+        &stack.log(),
+        &stack.prefix,
+        &[api(&stack.base())],
+        &sent,
+    )
+    .await;
+    assert!(timeouts > 0, "no request timed out; the case proved nothing");
+    drop(p);
+    stack.remove_read_models().await;
+}
+
+/// Peak and current resident memory of a process, in bytes.
+fn memory(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap()
+            * 1024
+    };
+    (kib("VmHWM:"), kib("VmRSS:"))
+}
+
+#[tokio::test]
+async fn overload_is_refused_with_bounded_memory_and_recovers() {
+    // 128 clients each offer a bulk of 8 events of 100 KB at once: 100 MB,
+    // 50 times the 2 MiB write budget (I9).
+    const CLIENTS: usize = 128;
+    const PER_BULK: usize = 8;
+    let mut stack = Stack::shared("f-overload");
+    stack.extra = ["--ingest-buffer", "2MiB", "--stream-history", "false"]
+        .map(String::from)
+        .into();
+    let p = stack.serve().await;
+    let pad = "x".repeat(100_000);
+    let plan: Vec<Planned> = (0..CLIENTS * PER_BULK)
+        .map(|i| Planned {
+            id: Uuid::new_v4(),
+            stream: format!("post-hot{}", i % 5),
+            event_type: "PostViewed".into(),
+            data: json!({"post_id": format!("hot{}", i % 5), "user_id": format!("u{i}"), "pad": pad}),
+            poison: false,
+        })
+        .collect();
+    let offered = (CLIENTS * PER_BULK * pad.len()) as u64;
+    let (_, before) = memory(p.child.id());
+    let spec = LoadSpec {
+        clients: CLIENTS,
+        bulk_every: 1,
+        bulk_size: PER_BULK,
+        ..LoadSpec::default()
+    };
+    let sent = Load::start(&stack.base(), plan, spec).finish().await;
+    let (peak, _) = memory(p.child.id());
+    let throttled = sent.counters.throttled.load(Ordering::Relaxed);
+    // Recovery: a plain append goes through at once after the flood.
+    let (s, b) = api(&stack.base())
+        .send(
+            "POST",
+            "/streams/post-after/events",
+            "application/json",
+            json!({"type": "PostViewed", "data": {"post_id": "after", "user_id": "u"}}).to_string(),
+        )
+        .await;
+    assert_eq!(s, 201, "after the flood: {b}");
+    let growth = peak.saturating_sub(before);
+    verify(
+        "overload",
+        &|| {
+            format!(
+                "{} MB offered at once, {throttled} answers 429/503; peak RSS +{} MB",
+                offered >> 20,
+                growth >> 20
+            )
+        },
+        &stack.log(),
+        &stack.prefix,
+        &[api(&stack.base())],
+        &sent,
+    )
+    .await;
+    assert!(throttled > 0, "the flood was never refused");
+    assert!(
+        growth < offered / 2,
+        "peak RSS grew by {} MB under {} MB of offered load: memory is not bounded",
+        growth >> 20,
+        offered >> 20
+    );
+    drop(p);
+    stack.remove_read_models().await;
+}
+
+#[tokio::test]
+async fn sigterm_under_load_loses_nothing() {
+    // SIGTERM while clients post and projections fold (batches of 5); the clients
+    // retry through the restart. Nothing acknowledged is lost, and after the
+    // restart the read models count nothing twice and miss nothing: the
+    // checkpoints refold left matched the data it had written.
+    let mut stack = Stack::shared("f-sigterm");
+    stack.extra = vec!["--projection-batch".into(), "5".into()];
+    let mut p = stack.serve().await;
+    let load = Load::start(&stack.base(), plan(19, 2500, 0), LoadSpec::default());
+    load.until_acked(1000).await;
+    let exit = p.terminate();
+    assert!(exit.success(), "exit status {exit}:\n{}", p.log());
+    assert!(p.log().contains("shutdown complete"), "{}", p.log());
+    let p = stack.serve().await;
+    let sent = load.finish().await;
+    verify(
+        "SIGTERM under load",
+        &|| "1 SIGTERM".into(),
+        &stack.log(),
+        &stack.prefix,
+        &[api(&stack.base())],
+        &sent,
+    )
+    .await;
+    drop(p);
+    stack.remove_read_models().await;
+}
