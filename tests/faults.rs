@@ -20,8 +20,8 @@ mod common;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::backends::{Broker, PrivateRedis};
@@ -611,7 +611,9 @@ async fn verify(
             &env.event_type,
             &Value::Object(env.data.clone()),
         );
-        at.entry(env.id).or_default().push((env.stream, env.version));
+        at.entry(env.id)
+            .or_default()
+            .push((env.stream, env.version));
     }
     report.gaps = gaps.len();
     report.duplicated_in_log = at.values().filter(|v| v.len() > 1).count();
@@ -628,7 +630,10 @@ async fn verify(
                     examples.push(format!("lost: {} {} v{v}", p.id, p.stream));
                 } else if found[0] != (p.stream.clone(), *v) {
                     report.misplaced += 1;
-                    examples.push(format!("acked {} at {}/{v}, in the log at {found:?}", p.id, p.stream));
+                    examples.push(format!(
+                        "acked {} at {}/{v}, in the log at {found:?}",
+                        p.id, p.stream
+                    ));
                 }
             }
             Outcome::Refused(s) => {
@@ -649,6 +654,7 @@ async fn verify(
     // process serves them.
     let mut diffs = Diffs::default();
     for api in apis {
+        caught_up(api, &end).await;
         let d = model_diffs(api, &oracle, &end, true).await;
         diffs.over.extend(d.over);
         diffs.other.extend(d.other);
@@ -657,20 +663,24 @@ async fn verify(
     report.duplicated_in_models = diffs.over.len();
     report.other_diffs = diffs.other.len();
     examples.extend(diffs.over.iter().chain(&diffs.other).take(5).cloned());
+    // Poison events are dead letters of both; so are likes that reached
+    // `post_stats` before their post's tribe (no ranking can be named).
+    let poison = poison_in_log as u64;
+    let want = [poison + oracle.unranked(), poison];
     let mut dead = Vec::new();
-    for projection in ["post_stats", "posts"] {
+    for (projection, want) in ["post_stats", "posts"].into_iter().zip(want) {
         let (s, b) = api.get(&format!("/projections/{projection}")).await;
         assert_eq!(s, 200, "{b}");
         let got = b["dead_letters"]["count"].as_u64().unwrap_or(u64::MAX);
-        dead.push(got);
-        if got != poison_in_log as u64 {
+        dead.push((got, want));
+        if got != want {
             examples.push(format!(
-                "{projection}: {got} dead letters, want {poison_in_log}: {}",
+                "{projection}: {got} dead letters, want {want}: {}",
                 b["dead_letters"]
             ));
         }
     }
-    report.dead_letters = format!("{}, {} / {poison_in_log}", dead[0], dead[1]);
+    report.dead_letters = format!("{}/{}, {}/{}", dead[0].0, dead[0].1, dead[1].0, dead[1].1);
     report.faults = faults();
     report.publish();
 
@@ -680,7 +690,7 @@ async fn verify(
             && report.misplaced == 0
             && report.gaps == 0
             && diffs.is_empty()
-            && dead.iter().all(|&d| d == poison_in_log as u64),
+            && dead.iter().all(|(got, want)| got == want),
         "{case}: promises broken:\n{HEADER}\n{}\n{}",
         report.row(),
         examples.join("\n")
@@ -690,6 +700,23 @@ async fn verify(
         "{case}: nothing was acknowledged; the case proved nothing"
     );
     report
+}
+
+/// Waits (up to 5 minutes) until every demo projection has applied `end`, so that
+/// a projection that never catches up fails the case at once instead of every
+/// later query waiting for it.
+async fn caught_up(api: &Api, end: &Position) {
+    for projection in ["post_stats", "tribe_feed", "posts", "users"] {
+        let uri = format!("/views/{projection}/refold-probe?after={end}&wait_ms=30000");
+        let mut last = (0, Value::Null);
+        for _ in 0..10 {
+            last = api.get(&uri).await;
+            if last.0 == 404 {
+                break;
+            }
+        }
+        assert_eq!(last.0, 404, "{projection} did not apply {end}: {}", last.1);
+    }
 }
 
 /// `GET /projections/{name}` of a running refold.
@@ -741,9 +768,14 @@ async fn sigkill_during_projection() {
     let mut stack = Stack::shared("f-kill-proj");
     let none = stack.dir.path().join("no-projections");
     std::fs::create_dir_all(&none).unwrap();
-    stack.extra = ["--projections", none.to_str().unwrap(), "--stream-history", "false"]
-        .map(String::from)
-        .into();
+    stack.extra = [
+        "--projections",
+        none.to_str().unwrap(),
+        "--stream-history",
+        "false",
+    ]
+    .map(String::from)
+    .into();
     let mut p = stack.serve().await;
     let sent = Load::start(&stack.base(), plan(12, 2500, 0), LoadSpec::default())
         .finish()
@@ -784,13 +816,19 @@ async fn broker_killed_and_restarted_during_ingest() {
     let p = stack.serve().await;
     let load = Load::start(&stack.base(), plan(13, 2500, 0), LoadSpec::default());
     load.until_acked(700).await;
+    // Down for longer than refold waits for a delivery report (3 s).
     let (dir, port) = broker.kill();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
     let broker = Broker::start(dir, port);
     let sent = load.finish().await;
+    let refused = sent.counters.throttled.load(Ordering::Relaxed);
+    assert!(
+        refused > 0,
+        "no append was answered 503 while the broker was down"
+    );
     verify(
         "broker SIGKILL + restart during ingest",
-        &|| "1 broker SIGKILL, 4 s down".into(),
+        &|| "1 broker SIGKILL, 8 s down".into(),
         &stack.log(),
         &stack.prefix,
         &[api(&stack.base())],
@@ -868,7 +906,12 @@ async fn elasticsearch_answers_429_and_5xx_and_stalls() {
     injector.await.unwrap();
     let report = verify(
         "Elasticsearch 429/5xx/stalls",
-        &|| format!("{} bulk faults (429, 5xx, 3 s stalls, items failed or dropped)", proxy.injected()),
+        &|| {
+            format!(
+                "{} bulk faults (429, 5xx, 3 s stalls, items failed or dropped)",
+                proxy.injected()
+            )
+        },
         &stack.log(),
         &stack.prefix,
         &[api(&stack.base())],
@@ -948,7 +991,10 @@ async fn clients_retry_after_timeouts() {
         &sent,
     )
     .await;
-    assert!(timeouts > 0, "no request timed out; the case proved nothing");
+    assert!(
+        timeouts > 0,
+        "no request timed out; the case proved nothing"
+    );
     drop(p);
     stack.remove_read_models().await;
 }
@@ -970,15 +1016,26 @@ fn memory(pid: u32) -> (u64, u64) {
 
 #[tokio::test]
 async fn overload_is_refused_with_bounded_memory_and_recovers() {
-    // 128 clients each offer a bulk of 8 events of 100 KB at once: 100 MB,
-    // 50 times the 2 MiB write budget (I9).
+    // 128 clients each offer a bulk of 8 events of 100 KB at once: 100 MB, 25
+    // times the 4 MiB write budget (I9). The flood goes to a refold without
+    // projections, so that its memory is the write path's; then refold with the
+    // projections folds all of it, and its memory is the projections'.
     const CLIENTS: usize = 128;
     const PER_BULK: usize = 8;
     let mut stack = Stack::shared("f-overload");
-    stack.extra = ["--ingest-buffer", "2MiB", "--stream-history", "false"]
-        .map(String::from)
-        .into();
-    let p = stack.serve().await;
+    let none = stack.dir.path().join("no-projections");
+    std::fs::create_dir_all(&none).unwrap();
+    stack.extra = [
+        "--ingest-buffer",
+        "4MiB",
+        "--stream-history",
+        "false",
+        "--projections",
+        none.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .into();
+    let mut p = stack.serve().await;
     let pad = "x".repeat(100_000);
     let plan: Vec<Planned> = (0..CLIENTS * PER_BULK)
         .map(|i| Planned {
@@ -990,7 +1047,7 @@ async fn overload_is_refused_with_bounded_memory_and_recovers() {
         })
         .collect();
     let offered = (CLIENTS * PER_BULK * pad.len()) as u64;
-    let (_, before) = memory(p.child.id());
+    let (_, idle) = memory(p.child.id());
     let spec = LoadSpec {
         clients: CLIENTS,
         bulk_every: 1,
@@ -998,7 +1055,7 @@ async fn overload_is_refused_with_bounded_memory_and_recovers() {
         ..LoadSpec::default()
     };
     let sent = Load::start(&stack.base(), plan, spec).finish().await;
-    let (peak, _) = memory(p.child.id());
+    let (ingest_peak, _) = memory(p.child.id());
     let throttled = sent.counters.throttled.load(Ordering::Relaxed);
     // Recovery: a plain append goes through at once after the flood.
     let (s, b) = api(&stack.base())
@@ -1010,14 +1067,23 @@ async fn overload_is_refused_with_bounded_memory_and_recovers() {
         )
         .await;
     assert_eq!(s, 201, "after the flood: {b}");
-    let growth = peak.saturating_sub(before);
+    assert!(p.terminate().success());
+
+    stack.extra.truncate(4); // the demo projections now
+    let p = stack.serve().await;
+    let mb = |b: u64| b >> 20;
+    // Read when the projections have folded everything.
+    let fold_peak = std::cell::Cell::new(0);
     verify(
         "overload",
         &|| {
+            fold_peak.set(memory(p.child.id()).0);
             format!(
-                "{} MB offered at once, {throttled} answers 429/503; peak RSS +{} MB",
-                offered >> 20,
-                growth >> 20
+                "{} MB offered at once; {throttled} answers 429/503; peak RSS {} MB ingesting, {} MB folding (idle {} MB)",
+                mb(offered),
+                mb(ingest_peak),
+                mb(fold_peak.get()),
+                mb(idle)
             )
         },
         &stack.log(),
@@ -1026,18 +1092,24 @@ async fn overload_is_refused_with_bounded_memory_and_recovers() {
         &sent,
     )
     .await;
+    let fold_peak = fold_peak.get();
     assert!(throttled > 0, "the flood was never refused");
-    assert!(
-        growth < offered / 2,
-        "peak RSS grew by {} MB under {} MB of offered load: memory is not bounded",
-        growth >> 20,
-        offered >> 20
-    );
+    // Unbounded, either would hold at least the whole flood (without the read
+    // caps of the log adapters, folding it peaked at 172 MB).
+    for (what, peak) in [("ingest", ingest_peak), ("fold", fold_peak)] {
+        assert!(
+            peak < idle + offered * 3 / 4,
+            "{what}: peak RSS {} MB with {} MB offered (idle {} MB): memory is not bounded",
+            mb(peak),
+            mb(offered),
+            mb(idle)
+        );
+    }
     drop(p);
     stack.remove_read_models().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_loses_nothing() {
     // SIGTERM while clients post and projections fold (batches of 5); the clients
     // retry through the restart. Nothing acknowledged is lost, and after the
@@ -1048,7 +1120,8 @@ async fn sigterm_under_load_loses_nothing() {
     let mut p = stack.serve().await;
     let load = Load::start(&stack.base(), plan(19, 2500, 0), LoadSpec::default());
     load.until_acked(1000).await;
-    let exit = p.terminate();
+    // The clients go on sending while refold drains.
+    let exit = tokio::task::block_in_place(|| p.terminate());
     assert!(exit.success(), "exit status {exit}:\n{}", p.log());
     assert!(p.log().contains("shutdown complete"), "{}", p.log());
     let p = stack.serve().await;

@@ -188,7 +188,6 @@ async fn concurrent_appends_and_retries_on_kafka() {
     refold.stop().await;
 }
 
-
 #[tokio::test]
 async fn a_broker_outage_is_never_answered_with_2xx() {
     common::init_logs();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use refold::log::embedded::EmbeddedLog;
 use refold::log::kafka::KafkaLog;
-use refold::log::{Created, EventLog, ProduceRecord, Record, TopicSpec, scan};
+use refold::log::{Created, EventLog, ProduceRecord, READ_BATCH_BYTES, Record, TopicSpec, scan};
 
 fn spec(name: &str, partitions: u32, compact: bool) -> TopicSpec {
     let mut config = std::collections::BTreeMap::new();
@@ -185,6 +185,29 @@ async fn conformance(log: Arc<dyn EventLog>, prefix: &str) {
             .enumerate()
             .all(|(i, (o, _, v))| *o == i as u64 && *v == i.to_string())
     );
+
+    // A read stops once it holds READ_BATCH_BYTES (I9: a projection batch of
+    // large events stays bounded), and the next read goes on from there.
+    let big = format!("{prefix}.big");
+    log.create_topic(&spec(&big, 1, false)).await.unwrap();
+    let size = READ_BATCH_BYTES * 2 / 5;
+    let records: Vec<_> = (0..6)
+        .map(|i| rec(&big, 0, &format!("b/{i}"), &i.to_string().repeat(size)))
+        .collect();
+    log.append(records).await.unwrap();
+    let mut reader = log.reader(&big, 0, 0).await.unwrap();
+    let mut offsets = Vec::new();
+    while offsets.len() < 6 {
+        let batch = reader.next(1000, Duration::from_secs(10)).await.unwrap();
+        let bytes: usize = batch.records.iter().map(|r| r.record.size()).sum();
+        assert!(
+            !batch.records.is_empty() && bytes < READ_BATCH_BYTES + size + 100,
+            "{} records of {bytes} bytes in one read",
+            batch.records.len()
+        );
+        offsets.extend(batch.records.iter().map(|r| r.offset));
+    }
+    assert_eq!(offsets, (0..6).collect::<Vec<u64>>());
 }
 
 #[tokio::test]

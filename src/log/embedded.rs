@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use super::{
     ConsumedRecord, Created, EventLog, LogError, LogResult, PartitionReader, ProduceRecord,
-    ReadBatch, Record, TopicInfo, TopicSpec,
+    READ_BATCH_BYTES, ReadBatch, Record, TopicInfo, TopicSpec,
 };
 
 /// topic -> (partitions, compacted)
@@ -259,17 +259,24 @@ impl EmbeddedReader {
             let range = table
                 .range((topic.as_str(), partition, pos)..(topic.as_str(), partition, u64::MAX))
                 .map_err(storage)?;
-            for item in range.take(max) {
+            let (mut bytes, mut full) = (0, false);
+            for item in range {
+                if records.len() >= max || bytes >= READ_BATCH_BYTES {
+                    full = true;
+                    break;
+                }
                 let (k, v) = item.map_err(storage)?;
                 let offset = k.value().2;
+                let record = decode(v.value())?;
+                bytes += record.size();
                 records.push(ConsumedRecord {
                     partition,
                     offset,
-                    record: decode(v.value())?,
+                    record,
                 });
             }
-            let next_offset = match (records.last(), records.len() < max) {
-                (Some(last), false) => last.offset + 1,
+            let next_offset = match (records.last(), full) {
+                (Some(last), true) => last.offset + 1,
                 // Everything up to the end was read: skip compacted gaps too.
                 _ => end.max(pos),
             };

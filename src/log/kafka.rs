@@ -22,7 +22,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::{
     ConsumedRecord, Created, EventLog, LogError, LogResult, PartitionReader, ProduceRecord,
-    ReadBatch, Record, TopicInfo, TopicSpec,
+    READ_BATCH_BYTES, ReadBatch, Record, TopicInfo, TopicSpec,
 };
 
 pub struct KafkaLog {
@@ -54,6 +54,10 @@ fn kafka_err(e: KafkaError) -> LogError {
         _ => LogError::Other(e.to_string()),
     }
 }
+
+/// What one partition reader may prefetch; a fetch returns at least one whole
+/// record even when it is larger.
+const READER_PREFETCH_KIB: u32 = 1024;
 
 fn new_producer(brokers: &str, timeout: Duration) -> Result<FutureProducer, KafkaError> {
     let ms = timeout.as_millis().max(1000).to_string();
@@ -274,6 +278,12 @@ impl EventLog for KafkaLog {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "100")
+            // Prefetch is per reader (one per projection and partition), and
+            // librdkafka's default lets each buffer 64 MiB: cap it (I9).
+            .set(
+                "queued.max.messages.kbytes",
+                &READER_PREFETCH_KIB.to_string(),
+            )
             .create()
             .map_err(kafka_err)?;
         let mut tpl = TopicPartitionList::new();
@@ -333,7 +343,8 @@ impl PartitionReader for KafkaReader {
         let batch = tokio::task::spawn_blocking(move || {
             let mut records = Vec::new();
             let mut timeout = wait;
-            while records.len() < max.max(1) {
+            let mut bytes = 0;
+            while records.len() < max.max(1) && bytes < READ_BATCH_BYTES {
                 let Some(msg) = consumer.poll(timeout) else {
                     break;
                 };
@@ -350,15 +361,17 @@ impl PartitionReader for KafkaReader {
                             .collect()
                     })
                     .unwrap_or_default();
+                let record = Record {
+                    key: String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
+                    value: msg.payload().map(<[u8]>::to_vec),
+                    headers,
+                    timestamp_ms: msg.timestamp().to_millis().unwrap_or(0),
+                };
+                bytes += record.size();
                 records.push(ConsumedRecord {
                     partition,
                     offset: msg.offset() as u64,
-                    record: Record {
-                        key: String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
-                        value: msg.payload().map(<[u8]>::to_vec),
-                        headers,
-                        timestamp_ms: msg.timestamp().to_millis().unwrap_or(0),
-                    },
+                    record,
                 });
             }
             let next_offset = match records.last() {

@@ -64,6 +64,17 @@ pub struct Record {
 }
 
 impl Record {
+    /// Bytes of key, value and headers: what the record costs in memory.
+    pub fn size(&self) -> usize {
+        self.key.len()
+            + self.value.as_ref().map_or(0, Vec::len)
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()
@@ -148,10 +159,15 @@ pub trait EventLog: Send + Sync + 'static {
     async fn flush(&self) -> LogResult<()>;
 }
 
+/// One [`PartitionReader::next`] stops adding records once they hold this many
+/// bytes (so it returns at most this plus one record): with the record count, what
+/// bounds the memory of a projection batch, whatever the size of the events (I9).
+pub const READ_BATCH_BYTES: usize = 1 << 20;
+
 #[async_trait]
 pub trait PartitionReader: Send {
-    /// Up to `max` records from the current position. Waits up to `wait` when none
-    /// are available yet, then returns an empty batch.
+    /// Up to `max` records and [`READ_BATCH_BYTES`] from the current position.
+    /// Waits up to `wait` when none are available yet, then returns an empty batch.
     async fn next(&mut self, max: usize, wait: Duration) -> LogResult<ReadBatch>;
 }
 

@@ -130,8 +130,9 @@ pub async fn model_diffs(
         }
         let tribe = got.get("tribe_id").cloned().unwrap_or(Value::Null);
         if tribe != want["tribe_id"] {
-            d.other
-                .push(format!("post_stats {post}.tribe_id: got {got}, want {want}"));
+            d.other.push(format!(
+                "post_stats {post}.tribe_id: got {got}, want {want}"
+            ));
         }
         let (g, w) = (
             got["unique_viewers"].as_f64().unwrap_or(-1.0),
@@ -186,7 +187,8 @@ async fn ranking_diffs(api: &Api, oracle: &Oracle, tribe: &str, q: &str, d: &mut
         d.other
             .push(format!("ranking {tribe} is not highest first: {got:?}"));
     }
-    let want: std::collections::BTreeMap<String, f64> = oracle.top_posts(tribe).into_iter().collect();
+    let want: std::collections::BTreeMap<String, f64> =
+        oracle.top_posts(tribe).into_iter().collect();
     let got_map: std::collections::BTreeMap<String, f64> = got.iter().cloned().collect();
     for (member, w) in &want {
         match got_map.get(member) {
@@ -196,14 +198,15 @@ async fn ranking_diffs(api: &Api, oracle: &Oracle, tribe: &str, q: &str, d: &mut
                 &Value::from(*g),
                 &Value::from(*w),
             ),
-            None => d
-                .other
-                .push(format!("ranking {tribe}: member {member} missing (want {w})")),
+            None => d.other.push(format!(
+                "ranking {tribe}: member {member} missing (want {w})"
+            )),
         }
     }
     for member in got_map.keys().filter(|m| !want.contains_key(*m)) {
-        d.other
-            .push(format!("ranking {tribe}: member {member} should not be there"));
+        d.other.push(format!(
+            "ranking {tribe}: member {member} should not be there"
+        ));
     }
 }
 
