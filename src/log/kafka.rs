@@ -282,7 +282,7 @@ impl EventLog for KafkaLog {
             // librdkafka's default lets each buffer 64 MiB: cap it (I9).
             .set(
                 "queued.max.messages.kbytes",
-                &READER_PREFETCH_KIB.to_string(),
+                READER_PREFETCH_KIB.to_string(),
             )
             .create()
             .map_err(kafka_err)?;
