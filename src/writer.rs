@@ -254,6 +254,11 @@ enum Plan {
 /// log; re-reading waits this long after the failure, then for stable end offsets.
 const RESYNC_SETTLE: Duration = Duration::from_secs(1);
 
+/// How long one attempt to see the log settle may take. A log that cannot answer
+/// (a broker outage) gets the waiting appends a 503 after this, not after the
+/// client gave up; the next appends or tick try again.
+const RESYNC_PROBE: Duration = Duration::from_secs(2);
+
 struct WriterLoop {
     log: Arc<dyn EventLog>,
     config: WriterConfig,
@@ -467,12 +472,12 @@ impl WriterLoop {
             }
             Ok(())
         };
-        match settled.await {
-            Ok(()) => {}
-            Err(e) => {
-                warn!(error = %e, "write path cannot re-read the log yet");
-                return false;
-            }
+        let probe = tokio::time::timeout(RESYNC_PROBE, settled)
+            .await
+            .unwrap_or_else(|_| Err(LogError::Unavailable("the log does not answer".into())));
+        if let Err(e) = probe {
+            warn!(error = %e, "write path cannot re-read the log yet");
+            return false;
         }
         match self.fold_tail().await {
             Ok(n) => {

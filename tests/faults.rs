@@ -538,6 +538,7 @@ impl Stack {
         procs: Vec<Proc>,
     ) -> Report {
         let apis: Vec<Api> = procs.iter().map(|p| api(&p.base)).collect();
+        let logs = ShowLogsOnPanic(&procs);
         let report = verify(
             case,
             faults,
@@ -548,6 +549,7 @@ impl Stack {
             sent,
         )
         .await;
+        drop(logs);
         drop(procs);
         self.remove_read_models().await;
         report
@@ -556,6 +558,25 @@ impl Stack {
     async fn remove_read_models(&self) {
         redis_remove_namespace(&self.prefix).await;
         es_remove_namespace(&self.prefix.to_lowercase()).await;
+    }
+}
+
+/// Prints the end of each refold's log when a check fails, before the processes
+/// and their directory are gone.
+struct ShowLogsOnPanic<'a>(&'a [Proc]);
+
+impl Drop for ShowLogsOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for p in self.0 {
+                let log = p.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- last lines of {} ---", p.log_path.display());
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
     }
 }
 

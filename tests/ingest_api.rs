@@ -487,6 +487,91 @@ impl EventLog for Gated {
     }
 }
 
+/// The embedded log behind a switch: while "down", appends to the events topic
+/// fail and end offsets never come (a broker that does not answer).
+struct Outage {
+    inner: EmbeddedLog,
+    down: tokio::sync::watch::Sender<bool>,
+}
+
+#[async_trait]
+impl EventLog for Outage {
+    fn backend(&self) -> &'static str {
+        "outage"
+    }
+    async fn create_topic(&self, spec: &TopicSpec) -> LogResult<Created> {
+        self.inner.create_topic(spec).await
+    }
+    async fn describe_topic(&self, name: &str) -> LogResult<Option<TopicInfo>> {
+        self.inner.describe_topic(name).await
+    }
+    async fn append(&self, records: Vec<ProduceRecord>) -> LogResult<Vec<u64>> {
+        if *self.down.borrow() && records.iter().any(|r| r.topic.ends_with(".events")) {
+            return Err(LogError::Unavailable("injected outage".into()));
+        }
+        self.inner.append(records).await
+    }
+    async fn end_offsets(&self, topic: &str) -> LogResult<Vec<u64>> {
+        let mut down = self.down.subscribe();
+        let _ = down.wait_for(|d| !d).await;
+        self.inner.end_offsets(topic).await
+    }
+    async fn reader(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+    ) -> LogResult<Box<dyn PartitionReader>> {
+        self.inner.reader(topic, partition, from).await
+    }
+    async fn flush(&self) -> LogResult<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn appends_during_an_outage_get_503_while_the_log_does_not_answer() {
+    // I1 and I9: found by the fault harness. After a failed write the writer
+    // re-reads the log's tail before it writes again; when the log does not
+    // answer at all, the appends waiting for that must still get a 503 (not hang
+    // until the outage ends), and writing resumes once it does.
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Outage {
+        inner: EmbeddedLog::open(dir.path()).unwrap(),
+        down: tokio::sync::watch::channel(false).0,
+    });
+    let s = start_on(&embedded_config(dir.path()), log.clone()).await;
+    let post = |n: u64| {
+        let app = s.app.clone();
+        async move {
+            let body = json!({"type": "PostLiked", "data": {"n": n}});
+            post_json(&app, "/streams/post-1/events", body).await
+        }
+    };
+    assert_eq!(post(1).await.status, 201);
+    log.down.send_replace(true);
+    assert_eq!(post(2).await.status, 503, "the failed write");
+    // The log does not answer until the outage ends; the answer comes anyway.
+    let r = tokio::time::timeout(Duration::from_secs(60), post(3))
+        .await
+        .expect("an append during the outage must be answered, not held");
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert_eq!(r.body["error"]["code"], "log_unavailable");
+    assert!(r.headers.contains_key("retry-after"));
+    log.down.send_replace(false);
+    let r = common::eventually(60, "writes to resume", || async {
+        let r = post(4).await;
+        (r.status == 201).then_some(r)
+    })
+    .await;
+    assert_eq!(
+        r.body["first_version"], 2,
+        "versions continue without a gap"
+    );
+    assert_eq!(stream_versions(&*s.log, "post-1").await, vec![1, 2]);
+    s.refold.stop().await;
+}
+
 #[tokio::test]
 async fn a_saturated_write_path_answers_429_with_retry_after_and_loses_nothing() {
     // I9, I1
