@@ -539,16 +539,7 @@ impl Stack {
     ) -> Report {
         let apis: Vec<Api> = procs.iter().map(|p| api(&p.base)).collect();
         let logs = ShowLogsOnPanic(&procs);
-        let report = verify(
-            case,
-            faults,
-            &self.log(),
-            &self.prefix,
-            &procs[0].base,
-            &apis,
-            sent,
-        )
-        .await;
+        let report = verify(case, faults, self, &procs[0].base, &apis, sent).await;
         drop(logs);
         drop(procs);
         self.remove_read_models().await;
@@ -660,12 +651,12 @@ impl Report {
 async fn verify(
     case: &str,
     faults: &dyn Fn() -> String,
-    log: &dyn EventLog,
-    prefix: &str,
+    stack: &Stack,
     base: &str,
     apis: &[Api],
     sent: &Sent,
 ) -> Report {
+    let (log, prefix) = (&stack.log(), stack.prefix.as_str());
     // Settle every unknown outcome as a client would: send it once more, same id.
     // 200: it was in the log (at the version answered); 201: it was not, and is
     // now. Either way it is then checked like any acknowledged event.
@@ -771,6 +762,9 @@ async fn verify(
         diffs.other.extend(d.other);
     }
     let api = &apis[0];
+    diffs
+        .other
+        .extend(redis_key_diffs(&stack.redis, prefix, api, &oracle).await);
     report.duplicated_in_models = diffs.over.len();
     report.other_diffs = diffs.other.len();
     examples.extend(diffs.over.iter().chain(&diffs.other).take(5).cloned());
@@ -836,6 +830,38 @@ async fn verify(
         );
     }
     report
+}
+
+/// The model comparison looks up the oracle's keys; this counts what refold
+/// holds in Redis (the live generations' documents, rankings and feeds), so that a
+/// key no event should have made is seen too.
+async fn redis_key_diffs(redis: &str, prefix: &str, api: &Api, oracle: &Oracle) -> Vec<String> {
+    use ::redis::AsyncCommands;
+    let client = ::redis::Client::open(redis).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let tribes = oracle.tribe_ids();
+    let rankings = tribes.iter().filter(|t| !oracle.top_posts(t).is_empty());
+    let feeds = tribes.iter().filter(|t| !oracle.tribe_posts(t).is_empty());
+    let mut out = Vec::new();
+    for (projection, kind, want) in [
+        ("post_stats", "doc", oracle.post_ids().len()),
+        ("post_stats", "rank", rankings.count()),
+        ("tribe_feed", "list", feeds.count()),
+    ] {
+        let (_, status) = api.get(&format!("/projections/{projection}")).await;
+        let generation = status["generation"].as_u64().unwrap();
+        let pattern = format!("{prefix}{projection}:{generation}:{kind}:*");
+        let mut iter: ::redis::AsyncIter<String> = con.scan_match(&pattern).await.unwrap();
+        let mut got = 0;
+        while let Some(key) = iter.next_item().await {
+            key.unwrap();
+            got += 1;
+        }
+        if got != want {
+            out.push(format!("Redis holds {got} keys {pattern}, want {want}"));
+        }
+    }
+    out
 }
 
 /// Sends an event of unknown outcome again (same id) until refold answers it:
