@@ -4,13 +4,16 @@
 //! Each case starts refold as users run it (`refold serve` on tansu, Redis and
 //! osmem-server), drives demo events at it from concurrent clients that retry as a
 //! careful client does (same event ids, after timeouts, 5xx and 429), injects one
-//! kind of fault, heals it, and then checks against the log itself:
+//! kind of fault, heals it, settles every unknown outcome by sending that event
+//! once more (same id), and then checks against the log itself:
 //! - every acknowledged event is in the log exactly once, in its stream, at the
-//!   version it was acknowledged with (I1, I4); a refused one is not there at all;
-//!   no event id is in the log twice; every stream's versions are 1..n (I2);
+//!   version it was acknowledged with (I1, I4); no valid event is refused; no event
+//!   id is in the log twice; every stream's versions are 1..n, in its partition
+//!   (I2);
 //! - once the projections have applied the whole log, every read model equals an
-//!   independent fold of the log (`common::oracle`), with nothing counted twice
-//!   (I6), and every poison event is exactly one dead letter (I8).
+//!   independent fold of the log (`common::oracle`), with nothing counted twice and
+//!   no extra key in Redis (I6), and every poison event is exactly one dead letter
+//!   (I8).
 //!
 //! Every case prints its row of the table (on stderr, which the test harness does
 //! not capture) and appends it to `target/fault-report.md`.
