@@ -425,12 +425,15 @@ async fn bulk_appends_answer_per_line() {
     s.refold.stop().await;
 }
 
-/// The embedded log with a gate: appends wait until the test opens it.
+/// The embedded log with a gate: appends wait until the test opens it. And a
+/// switch: while `down`, appends to the events topic fail and end offsets never
+/// come (a broker that does not answer).
 struct Gated {
     inner: EmbeddedLog,
     gate: Arc<Semaphore>,
     /// Durable writes to the events topic so far.
     writes: std::sync::atomic::AtomicUsize,
+    down: tokio::sync::watch::Sender<bool>,
 }
 
 impl Gated {
@@ -440,6 +443,7 @@ impl Gated {
             inner: EmbeddedLog::open(dir).unwrap(),
             gate: gate.clone(),
             writes: Default::default(),
+            down: tokio::sync::watch::channel(false).0,
         };
         (Arc::new(log), gate)
     }
@@ -461,6 +465,9 @@ impl EventLog for Gated {
             .first()
             .is_some_and(|r| r.topic.ends_with(".events"))
         {
+            if *self.down.borrow() {
+                return Err(LogError::Unavailable("injected outage".into()));
+            }
             let _permit = self
                 .gate
                 .acquire()
@@ -472,48 +479,7 @@ impl EventLog for Gated {
         self.inner.append(records).await
     }
     async fn end_offsets(&self, topic: &str) -> LogResult<Vec<u64>> {
-        self.inner.end_offsets(topic).await
-    }
-    async fn reader(
-        &self,
-        topic: &str,
-        partition: u32,
-        from: u64,
-    ) -> LogResult<Box<dyn PartitionReader>> {
-        self.inner.reader(topic, partition, from).await
-    }
-    async fn flush(&self) -> LogResult<()> {
-        Ok(())
-    }
-}
-
-/// The embedded log behind a switch: while "down", appends to the events topic
-/// fail and end offsets never come (a broker that does not answer).
-struct Outage {
-    inner: EmbeddedLog,
-    down: tokio::sync::watch::Sender<bool>,
-}
-
-#[async_trait]
-impl EventLog for Outage {
-    fn backend(&self) -> &'static str {
-        "outage"
-    }
-    async fn create_topic(&self, spec: &TopicSpec) -> LogResult<Created> {
-        self.inner.create_topic(spec).await
-    }
-    async fn describe_topic(&self, name: &str) -> LogResult<Option<TopicInfo>> {
-        self.inner.describe_topic(name).await
-    }
-    async fn append(&self, records: Vec<ProduceRecord>) -> LogResult<Vec<u64>> {
-        if *self.down.borrow() && records.iter().any(|r| r.topic.ends_with(".events")) {
-            return Err(LogError::Unavailable("injected outage".into()));
-        }
-        self.inner.append(records).await
-    }
-    async fn end_offsets(&self, topic: &str) -> LogResult<Vec<u64>> {
-        let mut down = self.down.subscribe();
-        let _ = down.wait_for(|d| !d).await;
+        let _ = self.down.subscribe().wait_for(|down| !down).await;
         self.inner.end_offsets(topic).await
     }
     async fn reader(
@@ -536,10 +502,8 @@ async fn appends_during_an_outage_get_503_while_the_log_does_not_answer() {
     // answer at all, the appends waiting for that must still get a 503 (not hang
     // until the outage ends), and writing resumes once it does.
     let dir = tempfile::tempdir().unwrap();
-    let log = Arc::new(Outage {
-        inner: EmbeddedLog::open(dir.path()).unwrap(),
-        down: tokio::sync::watch::channel(false).0,
-    });
+    let (log, gate) = Gated::new(dir.path());
+    gate.add_permits(Semaphore::MAX_PERMITS / 2);
     let s = start_on(&embedded_config(dir.path()), log.clone()).await;
     let post = |n: u64| {
         let app = s.app.clone();
