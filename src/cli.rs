@@ -50,6 +50,40 @@ pub enum Command {
     /// Send generated demo events (users, tribes, posts, likes, ...) to a running refold
     #[command(long_about = DEMO_ABOUT)]
     Demo(DemoArgs),
+    /// Measure refold against the raw limits of its log and stores; prints a table
+    #[command(long_about = BENCH_ABOUT)]
+    Bench(BenchArgs),
+}
+
+const BENCH_ABOUT: &str = "\
+Measure refold against the raw limits of the parts it is made of, in one run on
+this machine and the backends the flags select (the embedded ones by default;
+--log kafka --kafka-brokers, --redis-url and --elasticsearch-url for real ones):
+
+  raw     log append and read, Redis pipelined writes, Elasticsearch _bulk
+  refold  HTTP ingest (bulk and single-event requests), append latency at
+          1,000 requests/s, append-to-visible latency, replay per store, peak RSS
+
+Each refold figure is shown with the raw limit that bounds it and the ratio.
+refold runs inside this process, under a fresh temporary data directory and a
+topic prefix of its own, so a bench never touches a deployment's data. Build
+with --release: a debug build measures the compiler, not refold.";
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub settings: Settings,
+    /// Events of each throughput measurement (and so of the replays)
+    #[arg(long, default_value_t = 200_000, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1000..))]
+    pub events: u64,
+    /// Seconds of the fixed-rate latency measurement
+    #[arg(long, default_value_t = 10, value_name = "S",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub latency_secs: u64,
+    /// Also write the table to this file
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
 }
 
 const STATUS_ABOUT: &str = "\
@@ -187,6 +221,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => client_runtime()?.block_on(status(args)),
         Command::Replay(args) => client_runtime()?.block_on(replay(args)),
         Command::Demo(args) => client_runtime()?.block_on(demo(args)),
+        Command::Bench(args) => bench(cli.config.as_deref(), args),
         Command::Serve(_) | Command::Migrate(_) => run_service(cli),
     }
 }
@@ -241,11 +276,93 @@ fn run_service(cli: Cli) -> anyhow::Result<()> {
                 );
                 Ok(())
             }
-            Command::Status(_) | Command::Replay(_) | Command::Demo(_) => {
-                unreachable!("client commands run in run()")
+            Command::Status(_) | Command::Replay(_) | Command::Demo(_) | Command::Bench(_) => {
+                unreachable!("client commands and bench run in run()")
             }
         }
     })
+}
+
+/// `refold bench`: see [`crate::bench`].
+fn bench(file: Option<&Path>, args: BenchArgs) -> anyhow::Result<()> {
+    let mut config = load_config(file, args.settings)?;
+    // Warnings and errors only (RUST_LOG overrides): the progress bar is the output.
+    if std::env::var_os("RUST_LOG").is_none() {
+        // SAFETY: single-threaded here, before any runtime or thread starts.
+        unsafe { std::env::set_var("RUST_LOG", "warn") };
+    }
+    telemetry::init(config.log_format);
+    let dir = tempfile_dir()?;
+    config.data_dir = dir.clone();
+    config.topic_prefix = format!(
+        "bench-{}-{}.",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+    );
+    config.auto_migrate = true;
+    let sizes = crate::bench::Sizes {
+        events: args.events as usize,
+        latency_secs: args.latency_secs,
+        visibility_samples: 200,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let pb = crate::bench::progress()?;
+    let figures = rt.block_on(crate::bench::run(&config, sizes, &pb));
+    pb.finish_and_clear();
+    let _ = std::fs::remove_dir_all(&dir);
+    let figures = figures?;
+    let backends = format!(
+        "log: {}; key-value store: {}; document store: {}",
+        match config.log {
+            crate::config::LogBackend::Embedded => "embedded".to_owned(),
+            crate::config::LogBackend::Kafka => format!(
+                "Kafka at {}",
+                config.kafka_brokers.as_deref().unwrap_or("?")
+            ),
+        },
+        config
+            .redis_url
+            .as_deref()
+            .map_or("embedded".into(), |u| format!("Redis at {u}")),
+        config
+            .elasticsearch_url
+            .as_deref()
+            .map_or("embedded".into(), |u| format!("Elasticsearch API at {u}")),
+    );
+    let table = format!(
+        "{backends}; {} events; {} cores; {}\n\n{}",
+        args.events,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if cfg!(debug_assertions) {
+            "debug build"
+        } else {
+            "release build"
+        },
+        crate::bench::markdown(&figures)
+    );
+    println!("{table}");
+    if let Some(path) = args.out {
+        std::fs::write(&path, &table)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A fresh directory under the system's temporary directory.
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "refold-bench-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .subsec_nanos()
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
 }
 
 // ---------------------------------------------------------------------------

@@ -232,6 +232,50 @@ async fn sigkill_during_ingest_loses_no_acknowledged_event_and_versions_continue
     }
 }
 
+#[test]
+fn bench_prints_every_figure_with_its_limit_and_writes_the_table() {
+    // Behaviour only: the figures themselves are measurements, not assertions.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bench.md");
+    let (ok, stdout, stderr) = refold(&[
+        "bench",
+        "--events",
+        "1000",
+        "--latency-secs",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+        "--migrations",
+        common::migrations_dir().to_str().unwrap(),
+        "--projections",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/projections"),
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    for figure in [
+        "raw: embedded log append",
+        "raw: embedded log read",
+        "refold: HTTP bulk ingest",
+        "refold: HTTP single-event ingest",
+        "refold: append latency p99 at 1,000 requests/s",
+        "refold: append to visible in post_stats, p50",
+        "refold: replay of post_stats",
+        "refold: replay of posts",
+        "refold: peak RSS",
+    ] {
+        assert!(stdout.contains(figure), "{figure} missing:\n{stdout}");
+    }
+    // Ingest is shown against the log's raw append rate, with a ratio.
+    let ingest = stdout
+        .lines()
+        .find(|l| l.contains("refold: HTTP bulk ingest"))
+        .unwrap();
+    assert!(
+        ingest.contains("| raw: embedded log append:") && ingest.trim_end().ends_with("% |"),
+        "{ingest}"
+    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), stdout.trim());
+}
+
 #[tokio::test]
 async fn json_logs_on_request() {
     let dir = tempfile::tempdir().unwrap();

@@ -128,8 +128,10 @@ struct Gen {
     source: Field,
     /// Mapped field name → (field, type).
     mapped: BTreeMap<String, (Field, FieldType)>,
-    /// Held for a whole commit; `None` once the generation was dropped.
+    /// Held for a whole commit; `None` after a failed commit (a fresh one is
+    /// opened by the next) or once the generation was dropped.
     writer: Mutex<Option<IndexWriter>>,
+    dropped: std::sync::atomic::AtomicBool,
     /// What the last commit's payload holds (changed with `writer` held; readers
     /// take only this lock, never waiting for a commit's fsync).
     state: Mutex<GenState>,
@@ -211,6 +213,7 @@ impl Gen {
             source,
             mapped,
             writer: Mutex::new(Some(writer)),
+            dropped: Default::default(),
             state: Mutex::new(state),
         })
     }
@@ -487,6 +490,8 @@ impl Store for EmbeddedDocs {
             let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(gen_) = open.remove(&g) {
                 // Sessions still holding it fail from now on.
+                gen_.dropped
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 let writer = gen_.writer().take();
                 if let Some(w) = writer {
                     let _ = w.wait_merging_threads();
@@ -596,9 +601,18 @@ impl Session for DocSession {
             state.checkpoints.insert(p, next);
             state.record(&dead);
             let payload = serde_json::to_string(&state).expect("state serializes");
-            let writer = writer
-                .as_mut()
-                .ok_or_else(|| storage(format!("{} was dropped", gen_.dir.display())))?;
+            if gen_.dropped.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(storage(format!("{} was dropped", gen_.dir.display())));
+            }
+            if writer.is_none() {
+                *writer = Some(
+                    gen_.index
+                        .writer_with_num_threads(1, WRITER_BYTES)
+                        .map_err(storage)?,
+                );
+            }
+            let slot = &mut *writer;
+            let writer = slot.as_mut().expect("opened above");
             let written = (|| {
                 for (key, delta) in &docs {
                     let current = gen_.get(key)?;
@@ -616,8 +630,13 @@ impl Session for DocSession {
                 Ok(())
             })();
             if let Err(e) = written {
-                // Nothing of the batch may reach a later commit.
-                let _ = writer.rollback();
+                // Nothing of the batch may reach a later commit: the writer is
+                // dropped with what it holds, and the next commit opens a fresh one
+                // from the last commit. (`IndexWriter::rollback` leaves a writer
+                // without its lock when reopening fails, and panics on the next
+                // call: seen under load, after a segment file vanished under a
+                // merge.)
+                drop(slot.take());
                 return Err(e);
             }
             // Documents first, checkpoint second: whoever sees the checkpoint

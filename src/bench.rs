@@ -1,0 +1,679 @@
+//! `refold bench`: refold's figures beside the raw limits of the parts it is made
+//! of, measured in one run on the same machine and backends.
+//!
+//! Raw limits use the parts directly, with refold's settings and record sizes:
+//! the embedded log's append, a bare rdkafka producer and consumer, pipelined
+//! Redis writes, Elasticsearch `_bulk`. refold's figures go through its HTTP API,
+//! served in this process on the configured backends: ingest (bulk and
+//! single-event requests), append latency at a fixed offered rate, end-to-end
+//! visibility (append to visible in a read model), replay per store, peak memory.
+//! Each refold figure is shown with the limit that bounds it and the ratio.
+//!
+//! Everything runs under a fresh data directory and a topic prefix of its own, so
+//! a bench never touches a deployment's data.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+
+use crate::config::{Config, LogBackend};
+use crate::demo::{DemoConfig, Generator};
+use crate::log::{EventLog, ProduceRecord, Record, TopicSpec};
+use crate::server::{Refold, open_log};
+
+/// How much work each measurement does.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    /// Events of the raw and ingest measurements (and so of the replays).
+    pub events: usize,
+    /// Seconds of the fixed-rate latency measurement.
+    pub latency_secs: u64,
+    /// Appends timed from append to visible in a read model.
+    pub visibility_samples: usize,
+}
+
+/// One line of the table.
+#[derive(Debug, Clone)]
+pub struct Figure {
+    pub what: String,
+    pub value: f64,
+    pub unit: &'static str,
+    /// The raw limit this figure is bounded by: its name and value (same unit).
+    pub limit: Option<(String, f64)>,
+}
+
+/// Bytes of a typical demo event record (envelope JSON), the raw benches' size.
+const RECORD_BYTES: usize = 300;
+/// Events per raw write and per bulk request, as refold batches them.
+const BATCH: usize = 1000;
+
+/// Runs every measurement the configuration allows and returns the table's rows.
+pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Result<Vec<Figure>> {
+    let mut figures = Vec::new();
+    let n = sizes.events;
+
+    // Raw limits.
+    pb.set_message("raw: log append");
+    let log = open_log(config)?;
+    let (append, read) = raw_log(&*log, config, n).await?;
+    // Through refold's log adapter (rdkafka for Kafka), without the write path.
+    let log_name = match config.log {
+        LogBackend::Embedded => "embedded log",
+        LogBackend::Kafka => "Kafka log adapter (rdkafka)",
+    };
+    let read_name = match config.log {
+        LogBackend::Embedded => "embedded log read",
+        LogBackend::Kafka => "Kafka log adapter read (rdkafka)",
+    };
+    figures.push(raw(
+        &format!("raw: {log_name} append ({RECORD_BYTES} B records, batches of {BATCH})"),
+        append,
+        "events/s",
+    ));
+    figures.push(raw(&format!("raw: {read_name}"), read, "events/s"));
+    pb.inc(1);
+    let kv_write = match &config.redis_url {
+        Some(url) => {
+            pb.set_message("raw: Redis pipeline");
+            let r = raw_redis(url, &config.topic_prefix, n).await?;
+            figures.push(raw(
+                &format!("raw: Redis pipelined HINCRBY (pipelines of {BATCH})"),
+                r,
+                "writes/s",
+            ));
+            Some(("Redis pipeline".to_owned(), r))
+        }
+        None => None,
+    };
+    pb.inc(1);
+    let doc_write = match &config.elasticsearch_url {
+        Some(url) => {
+            pb.set_message("raw: Elasticsearch _bulk");
+            let r = raw_bulk(url, &config.topic_prefix, n).await?;
+            figures.push(raw(
+                &format!("raw: Elasticsearch _bulk ({BATCH} docs, refresh)"),
+                r,
+                "docs/s",
+            ));
+            Some(("Elasticsearch _bulk".to_owned(), r))
+        }
+        None => None,
+    };
+    pb.inc(1);
+
+    // refold, served here on the same backends.
+    pb.set_message("refold: starting");
+    let refold = Refold::start(config, log.clone()).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let app = crate::http::app(refold.state.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
+    let limit = Some((format!("raw: {log_name} append"), append));
+
+    pb.set_message("refold: bulk ingest");
+    let rate = ingest_bulk(&http, &base, n).await?;
+    figures.push(Figure {
+        what: format!("refold: HTTP bulk ingest (NDJSON, {BATCH} events per request, 4 clients)"),
+        value: rate,
+        unit: "events/s",
+        limit: limit.clone(),
+    });
+    pb.inc(1);
+
+    pb.set_message("refold: single-event ingest");
+    let singles = (n / 10).clamp(1000, 20_000);
+    let rate = ingest_single(&http, &base, singles, 64).await?;
+    figures.push(Figure {
+        what: "refold: HTTP single-event ingest (64 clients)".into(),
+        value: rate,
+        unit: "events/s",
+        limit: limit.clone(),
+    });
+    pb.inc(1);
+
+    pb.set_message("refold: latency at 1,000 requests/s");
+    let lat = latency_at_rate(&http, &base, 1000, sizes.latency_secs).await?;
+    for (q, v) in [("p50", lat[0]), ("p99", lat[1]), ("p99.9", lat[2])] {
+        figures.push(Figure {
+            what: format!("refold: append latency {q} at 1,000 requests/s"),
+            value: v,
+            unit: "ms",
+            limit: None,
+        });
+    }
+    pb.inc(1);
+
+    pb.set_message("refold: visibility latency");
+    let vis = visibility(&http, &base, sizes.visibility_samples).await?;
+    for (q, v) in [("p50", vis[0]), ("p99", vis[1])] {
+        figures.push(Figure {
+            what: format!("refold: append to visible in post_stats, {q}"),
+            value: v,
+            unit: "ms",
+            limit: None,
+        });
+    }
+    pb.inc(1);
+
+    pb.set_message("refold: replays");
+    let total = log_events(&*log, config).await?;
+    for (projection, store) in [
+        ("post_stats", kv_write.clone()),
+        ("posts", doc_write.clone()),
+    ] {
+        let secs = replay(&http, &base, projection).await?;
+        let bound = match store {
+            Some((name, w)) if w < read => Some((format!("raw: {name}"), w)),
+            _ => Some((format!("raw: {read_name}"), read)),
+        };
+        figures.push(Figure {
+            what: format!("refold: replay of {projection} ({total} events)"),
+            value: total as f64 / secs,
+            unit: "events/s",
+            limit: bound,
+        });
+        pb.inc(1);
+    }
+    pb.set_message("refold: hot key");
+    let hot = n / 2;
+    let secs = hot_key(&http, &base, hot).await?;
+    figures.push(Figure {
+        what: format!(
+            "refold: hot key ({hot} events, 90% of likes and views on post p1), ingest until folded into post_stats"
+        ),
+        value: hot as f64 / secs,
+        unit: "events/s",
+        limit: limit.clone(),
+    });
+    pb.inc(1);
+    figures.push(Figure {
+        what: "refold: peak RSS of this process (bench client included)".into(),
+        value: peak_rss_mib().unwrap_or(f64::NAN),
+        unit: "MiB",
+        limit: None,
+    });
+    server.abort();
+    refold.stop().await;
+    Ok(figures)
+}
+
+/// How many steps [`run`] reports to its progress bar.
+pub const STEPS: u64 = 10;
+
+fn raw(what: &str, value: f64, unit: &'static str) -> Figure {
+    Figure {
+        what: what.into(),
+        value,
+        unit,
+        limit: None,
+    }
+}
+
+/// The table, as markdown.
+pub fn markdown(figures: &[Figure]) -> String {
+    let mut out = String::from("| figure | value | limit | ratio |\n|---|--:|---|--:|\n");
+    for f in figures {
+        let value = format!("{} {}", human(f.value), f.unit);
+        let (limit, ratio) = match &f.limit {
+            Some((name, v)) => (
+                format!("{name}: {} {}", human(*v), f.unit),
+                format!("{:.0}%", 100.0 * f.value / v),
+            ),
+            None => ("".into(), "".into()),
+        };
+        out.push_str(&format!("| {} | {value} | {limit} | {ratio} |\n", f.what));
+    }
+    out
+}
+
+fn human(v: f64) -> String {
+    if v >= 100.0 {
+        let n = v.round() as u64;
+        let s = n.to_string();
+        let mut out = String::new();
+        for (i, c) in s.chars().enumerate() {
+            if i > 0 && (s.len() - i).is_multiple_of(3) {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        out
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+fn rate(n: usize, since: Instant) -> f64 {
+    n as f64 / since.elapsed().as_secs_f64().max(1e-9)
+}
+
+/// Appends `n` records of [`RECORD_BYTES`] in batches of [`BATCH`] (spread over 3
+/// partitions) straight to the log, then reads them back: events/s of each.
+async fn raw_log(log: &dyn EventLog, config: &Config, n: usize) -> anyhow::Result<(f64, f64)> {
+    let topic = config.topic("bench-raw");
+    log.create_topic(&TopicSpec {
+        name: topic.clone(),
+        partitions: 3,
+        replication_factor: 1,
+        config: Default::default(),
+    })
+    .await?;
+    let value = vec![b'x'; RECORD_BYTES];
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < n {
+        let batch: Vec<ProduceRecord> = (sent..(sent + BATCH).min(n))
+            .map(|i| ProduceRecord {
+                topic: topic.clone(),
+                partition: (i % 3) as u32,
+                record: Record {
+                    key: format!("k/{i}"),
+                    value: Some(value.clone()),
+                    headers: vec![("type".into(), b"Bench".to_vec())],
+                    timestamp_ms: 0,
+                },
+            })
+            .collect();
+        sent += batch.len();
+        log.append(batch).await?;
+    }
+    let append = rate(n, started);
+    // The partitions are read at once, as a projection's workers read them.
+    let read_partition = |p: u32| {
+        let topic = topic.clone();
+        async move {
+            let mut reader = log.reader(&topic, p, 0).await?;
+            let want = n / 3 + usize::from((p as usize) < n % 3);
+            let mut got = 0;
+            while got < want {
+                let batch = reader.next(BATCH, Duration::from_secs(10)).await?;
+                if batch.records.is_empty() {
+                    bail!("reading {topic}/{p} stalled at {got} of {want} records");
+                }
+                got += batch.records.len();
+            }
+            Ok::<_, anyhow::Error>(got)
+        }
+    };
+    let started = Instant::now();
+    let (a, b, c) = tokio::join!(read_partition(0), read_partition(1), read_partition(2));
+    let read = a? + b? + c?;
+    Ok((append, rate(read, started)))
+}
+
+/// `n` HINCRBY in pipelines of [`BATCH`] on 10,000 keys: writes/s.
+async fn raw_redis(url: &str, prefix: &str, n: usize) -> anyhow::Result<f64> {
+    let client = redis::Client::open(url)?;
+    let mut con = client.get_multiplexed_async_connection().await?;
+    let started = Instant::now();
+    let mut done = 0;
+    while done < n {
+        let mut pipe = redis::pipe();
+        for i in done..(done + BATCH).min(n) {
+            pipe.cmd("HINCRBY")
+                .arg(format!("{prefix}bench:{}", i % 10_000))
+                .arg("likes")
+                .arg(1)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut con).await?;
+        done = (done + BATCH).min(n);
+    }
+    let r = rate(n, started);
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}bench:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut con)
+            .await?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK")
+                .arg(keys)
+                .query_async::<()>(&mut con)
+                .await?;
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    Ok(r)
+}
+
+/// `n` small documents indexed with `_bulk` in requests of [`BATCH`], each
+/// refreshed as refold's are: docs/s.
+async fn raw_bulk(url: &str, prefix: &str, n: usize) -> anyhow::Result<f64> {
+    let http = reqwest::Client::new();
+    let index = format!("{}bench-raw", prefix.to_lowercase());
+    let base = url.trim_end_matches('/');
+    let started = Instant::now();
+    let mut done = 0;
+    while done < n {
+        let mut body = String::new();
+        for i in done..(done + BATCH).min(n) {
+            body.push_str(&format!("{{\"index\":{{\"_id\":\"p{i}\"}}}}\n"));
+            body.push_str(&format!(
+                "{{\"title\":\"post {i}\",\"tribe_id\":\"t{}\",\"likes\":{}}}\n",
+                i % 20,
+                i % 7
+            ));
+        }
+        let r = http
+            .post(format!("{base}/{index}/_bulk?refresh=true"))
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("_bulk to {index} answered {}", r.status());
+        }
+        done = (done + BATCH).min(n);
+    }
+    let r = rate(n, started);
+    let _ = http.delete(format!("{base}/{index}")).send().await;
+    Ok(r)
+}
+
+/// Posts `n` demo events as NDJSON bulks of [`BATCH`] from 4 clients: events/s.
+async fn ingest_bulk(http: &reqwest::Client, base: &str, n: usize) -> anyhow::Result<f64> {
+    let mut generator = Generator::new(DemoConfig::default());
+    let bodies: std::collections::VecDeque<String> = (0..n.div_ceil(BATCH))
+        .map(|i| {
+            generator
+                .take(BATCH.min(n - i * BATCH))
+                .iter()
+                .map(|e| format!("{}\n", e.to_json()))
+                .collect()
+        })
+        .collect();
+    let bodies = Arc::new(std::sync::Mutex::new(bodies));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (http, base, bodies) = (http.clone(), base.to_owned(), bodies.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let Some(body) = bodies.lock().unwrap().pop_front() else {
+                    return Ok::<_, anyhow::Error>(());
+                };
+                post_until_taken(
+                    &http,
+                    &format!("{base}/events"),
+                    "application/x-ndjson",
+                    body,
+                )
+                .await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(rate(n, started))
+}
+
+/// Posts a body until refold takes it (429/503 are retried after a pause).
+async fn post_until_taken(
+    http: &reqwest::Client,
+    url: &str,
+    content_type: &str,
+    body: String,
+) -> anyhow::Result<Value> {
+    loop {
+        let r = http
+            .post(url)
+            .header("content-type", content_type)
+            .body(body.clone())
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let b: Value = r.json().await.unwrap_or(Value::Null);
+        match status {
+            200 | 201 if b["errors"] != true => return Ok(b),
+            429 | 503 => tokio::time::sleep(Duration::from_millis(50)).await,
+            _ => bail!("{url} answered {status}: {b}"),
+        }
+    }
+}
+
+/// `n` single-event appends from `clients` concurrent clients: events/s.
+async fn ingest_single(
+    http: &reqwest::Client,
+    base: &str,
+    n: usize,
+    clients: usize,
+) -> anyhow::Result<f64> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (http, base, next) = (http.clone(), base.to_owned(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                let body = json!({"type": "PostViewed", "data": {"post_id": format!("s{c}"), "user_id": "u1"}});
+                let url = format!("{base}/streams/post-s{c}/events");
+                post_until_taken(&http, &url, "application/json", body.to_string()).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(rate(n, started))
+}
+
+/// Offers `per_sec` single-event appends per second for `secs` seconds, whatever
+/// the answers' pace (open loop); latency p50, p99, p99.9 in ms.
+async fn latency_at_rate(
+    http: &reqwest::Client,
+    base: &str,
+    per_sec: u64,
+    secs: u64,
+) -> anyhow::Result<[f64; 3]> {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sec as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = Vec::new();
+    for i in 0..per_sec * secs {
+        tick.tick().await;
+        let (http, base) = (http.clone(), base.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"type": "PostViewed", "data": {"post_id": format!("l{}", i % 100), "user_id": "u1"}});
+            let started = Instant::now();
+            let r = http
+                .post(format!("{base}/streams/post-l{}/events", i % 100))
+                .json(&body)
+                .send()
+                .await?;
+            if r.status() != 201 {
+                bail!("append answered {}", r.status());
+            }
+            Ok::<_, anyhow::Error>(started.elapsed().as_secs_f64() * 1000.0)
+        }));
+    }
+    let mut ms = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        ms.push(t.await??);
+    }
+    Ok([
+        quantile(&mut ms, 0.5),
+        quantile(&mut ms, 0.99),
+        quantile(&mut ms, 0.999),
+    ])
+}
+
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i]
+}
+
+/// Appends a like, then reads the post's `post_stats` with the append's position
+/// token: the time until the read model shows it, p50 and p99 in ms.
+async fn visibility(
+    http: &reqwest::Client,
+    base: &str,
+    samples: usize,
+) -> anyhow::Result<[f64; 2]> {
+    let published = json!({"type": "PostPublished", "data": {"post_id": "vis", "tribe_id": "t1",
+        "author_id": "u1", "title": "t", "body": "b"}});
+    post_until_taken(
+        http,
+        &format!("{base}/streams/post-vis/events"),
+        "application/json",
+        published.to_string(),
+    )
+    .await?;
+    let mut ms = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let started = Instant::now();
+        let like = json!({"type": "PostLiked", "data": {"post_id": "vis", "user_id": "u1"}});
+        let b = post_until_taken(
+            http,
+            &format!("{base}/streams/post-vis/events"),
+            "application/json",
+            like.to_string(),
+        )
+        .await?;
+        let token = b["position"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no position in {b}"))?;
+        let r = http
+            .get(format!(
+                "{base}/views/post_stats/vis?after={token}&wait_ms=30000"
+            ))
+            .send()
+            .await?;
+        if r.status() != 200 {
+            bail!("post_stats/vis answered {}", r.status());
+        }
+        ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok([quantile(&mut ms, 0.5), quantile(&mut ms, 0.99)])
+}
+
+/// Posts `n` demo events with most likes and views on one post, one bulk after
+/// the other, then waits until `post_stats` shows all of them: seconds taken.
+async fn hot_key(http: &reqwest::Client, base: &str, n: usize) -> anyhow::Result<f64> {
+    let mut generator = Generator::new(DemoConfig {
+        seed: 7,
+        hot_share: 0.9,
+        ..DemoConfig::default()
+    });
+    let started = Instant::now();
+    let mut position = crate::position::Position::default();
+    let mut sent = 0;
+    while sent < n {
+        let body: String = generator
+            .take(BATCH.min(n - sent))
+            .iter()
+            .map(|e| format!("{}\n", e.to_json()))
+            .collect();
+        sent += BATCH.min(n - sent);
+        let b = post_until_taken(
+            http,
+            &format!("{base}/events"),
+            "application/x-ndjson",
+            body,
+        )
+        .await?;
+        if let Some(p) = b["position"].as_str() {
+            position.merge(&p.parse().map_err(|e| anyhow!("bad position {p}: {e}"))?);
+        }
+    }
+    // The longest wait refold grants is 60 s; a slow fold is waited for again.
+    for _ in 0..10 {
+        let r = http
+            .get(format!(
+                "{base}/views/post_stats/p1?after={position}&wait_ms=60000"
+            ))
+            .send()
+            .await?;
+        match r.status().as_u16() {
+            // 404: folded, and p1 has no post_stats yet (a short run of setup events).
+            200 | 404 => return Ok(started.elapsed().as_secs_f64()),
+            503 => continue,
+            s => bail!(
+                "post_stats/p1 answered {s}: {}",
+                r.text().await.unwrap_or_default()
+            ),
+        }
+    }
+    bail!("post_stats did not fold the hot-key events within 10 minutes")
+}
+
+/// Events in the events topic.
+async fn log_events(log: &dyn EventLog, config: &Config) -> anyhow::Result<u64> {
+    Ok(log
+        .end_offsets(&config.topic(crate::migrate::EVENTS))
+        .await?
+        .iter()
+        .sum())
+}
+
+/// Starts a replay of `projection` and waits for the switch: seconds taken.
+async fn replay(http: &reqwest::Client, base: &str, projection: &str) -> anyhow::Result<f64> {
+    let status = |http: reqwest::Client| async move {
+        let b: Value = http
+            .get(format!("{base}/projections/{projection}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok::<_, anyhow::Error>(b)
+    };
+    let before = status(http.clone()).await?["generation"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("{projection} has no live generation"))?;
+    let started = Instant::now();
+    let r = http
+        .post(format!("{base}/projections/{projection}/replay"))
+        .send()
+        .await?;
+    if r.status() != 202 {
+        bail!("replay of {projection} answered {}", r.status());
+    }
+    loop {
+        let s = status(http.clone()).await?;
+        if s["generation"].as_u64() > Some(before) {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        if s["state"] == "failed" {
+            bail!("replay of {projection} failed: {s}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// This process's peak resident memory (Linux), MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+/// A progress bar over [`STEPS`], with the current measurement as its message.
+pub fn progress() -> anyhow::Result<ProgressBar> {
+    let pb = ProgressBar::new(STEPS).with_style(
+        ProgressStyle::with_template("[{elapsed_precise}] [{wide_bar}] {pos}/{len} {msg}")
+            .context("progress bar template")?
+            .progress_chars("=> "),
+    );
+    Ok(pb)
+}
