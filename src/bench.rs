@@ -74,6 +74,25 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
         "events/s",
     ));
     figures.push(raw(&format!("raw: {read_name}"), read, "events/s"));
+    // The same broker and settings through bare rdkafka clients: the limits.
+    let (append, read) = match (&config.log, &config.kafka_brokers) {
+        (LogBackend::Kafka, Some(brokers)) => {
+            pb.set_message("raw: bare rdkafka producer and consumer");
+            let (p, c) = bare_kafka(brokers, &config.topic("bench-bare"), n).await?;
+            figures.push(raw(
+                &format!("raw: bare rdkafka producer ({RECORD_BYTES} B records, refold's settings)"),
+                p,
+                "events/s",
+            ));
+            figures.push(raw("raw: bare rdkafka consumer (3 partitions at once)", c, "events/s"));
+            (p, c)
+        }
+        _ => (append, read),
+    };
+    let (log_name, read_name) = match config.log {
+        LogBackend::Embedded => (log_name, read_name),
+        LogBackend::Kafka => ("bare rdkafka producer", "bare rdkafka consumer"),
+    };
     pb.inc(1);
     let kv_write = match &config.redis_url {
         Some(url) => {
@@ -332,6 +351,84 @@ async fn raw_log(log: &dyn EventLog, config: &Config, n: usize) -> anyhow::Resul
     let (a, b, c) = tokio::join!(read_partition(0), read_partition(1), read_partition(2));
     let read = a? + b? + c?;
     Ok((append, rate(read, started)))
+}
+
+/// A bare rdkafka producer with refold's settings (`acks=all`, idempotence,
+/// explicit partitions) sends `n` records of [`RECORD_BYTES`], 10,000 in flight at
+/// most; then one bare consumer per partition reads them back, all at once.
+/// Events/s of each.
+async fn bare_kafka(brokers: &str, topic: &str, n: usize) -> anyhow::Result<(f64, f64)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::FutureRecord;
+    let log = crate::log::kafka::KafkaLog::new(brokers, Duration::from_secs(30))?;
+    log.create_topic(&TopicSpec {
+        name: topic.to_owned(),
+        partitions: 3,
+        replication_factor: 1,
+        config: Default::default(),
+    })
+    .await?;
+    let producer = crate::log::kafka::new_producer(brokers, Duration::from_secs(30))?;
+    let value = vec![b'x'; RECORD_BYTES];
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < n {
+        let window = (n - sent).min(10_000);
+        let mut pending = Vec::with_capacity(window);
+        for i in sent..sent + window {
+            let key = format!("k/{i}");
+            let record = FutureRecord::to(topic)
+                .partition((i % 3) as i32)
+                .key(&key)
+                .payload(&value);
+            match producer.send_result(record) {
+                Ok(delivery) => pending.push(delivery),
+                Err((e, _)) => bail!("producing to {topic}: {e}"),
+            }
+        }
+        for d in pending {
+            d.await
+                .map_err(|_| anyhow!("delivery of {topic} cancelled"))?
+                .map_err(|(e, _)| anyhow!("delivery to {topic}: {e}"))?;
+        }
+        sent += window;
+    }
+    let produced = rate(n, started);
+    let brokers = brokers.to_owned();
+    let topic = topic.to_owned();
+    let consumed = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let readers: Vec<_> = (0..3)
+            .map(|p| {
+                let (brokers, topic) = (brokers.clone(), topic.clone());
+                std::thread::spawn(move || {
+                    let consumer: BaseConsumer = crate::log::kafka::reader_config(&brokers).create()?;
+                    let mut tpl = rdkafka::TopicPartitionList::new();
+                    tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning)?;
+                    consumer.assign(&tpl)?;
+                    let want = n / 3 + usize::from((p as usize) < n % 3);
+                    let mut got = 0;
+                    while got < want {
+                        match consumer.poll(Duration::from_secs(10)) {
+                            Some(m) => {
+                                m?;
+                                got += 1;
+                            }
+                            None => anyhow::bail!("reading {topic}/{p} stalled at {got} of {want}"),
+                        }
+                    }
+                    Ok::<_, anyhow::Error>(got)
+                })
+            })
+            .collect();
+        let mut read = 0;
+        for r in readers {
+            read += r.join().map_err(|_| anyhow!("a reader thread panicked"))??;
+        }
+        Ok::<_, anyhow::Error>(rate(read, started))
+    })
+    .await??;
+    Ok((produced, consumed))
 }
 
 /// `n` HINCRBY in pipelines of [`BATCH`] on 10,000 keys: writes/s.

@@ -59,7 +59,30 @@ fn kafka_err(e: KafkaError) -> LogError {
 /// record even when it is larger.
 const READER_PREFETCH_KIB: u32 = 1024;
 
-fn new_producer(brokers: &str, timeout: Duration) -> Result<FutureProducer, KafkaError> {
+/// The consumer settings of every partition reader (also used bare by `refold
+/// bench`).
+pub(crate) fn reader_config(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("group.id", "refold-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "100")
+        // Prefetch is per reader (one per projection and partition), and
+        // librdkafka's default lets each buffer 64 MiB: cap it (I9).
+        .set(
+            "queued.max.messages.kbytes",
+            READER_PREFETCH_KIB.to_string(),
+        );
+    c
+}
+
+/// The producer settings of every write (also used bare by `refold bench`).
+pub(crate) fn new_producer(
+    brokers: &str,
+    timeout: Duration,
+) -> Result<FutureProducer, KafkaError> {
     let ms = timeout.as_millis().max(1000).to_string();
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -271,19 +294,7 @@ impl EventLog for KafkaLog {
         partition: u32,
         from: u64,
     ) -> LogResult<Box<dyn PartitionReader>> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .set("group.id", "refold-reader")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "100")
-            // Prefetch is per reader (one per projection and partition), and
-            // librdkafka's default lets each buffer 64 MiB: cap it (I9).
-            .set(
-                "queued.max.messages.kbytes",
-                READER_PREFETCH_KIB.to_string(),
-            )
+        let consumer: BaseConsumer = reader_config(&self.brokers)
             .create()
             .map_err(kafka_err)?;
         let mut tpl = TopicPartitionList::new();
