@@ -80,11 +80,17 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
             pb.set_message("raw: bare rdkafka producer and consumer");
             let (p, c) = bare_kafka(brokers, &config.topic("bench-bare"), n).await?;
             figures.push(raw(
-                &format!("raw: bare rdkafka producer ({RECORD_BYTES} B records, refold's settings)"),
+                &format!(
+                    "raw: bare rdkafka producer ({RECORD_BYTES} B records, refold's settings)"
+                ),
                 p,
                 "events/s",
             ));
-            figures.push(raw("raw: bare rdkafka consumer (3 partitions at once)", c, "events/s"));
+            figures.push(raw(
+                "raw: bare rdkafka consumer (3 partitions at once)",
+                c,
+                "events/s",
+            ));
             (p, c)
         }
         _ => (append, read),
@@ -402,7 +408,8 @@ async fn bare_kafka(brokers: &str, topic: &str, n: usize) -> anyhow::Result<(f64
             .map(|p| {
                 let (brokers, topic) = (brokers.clone(), topic.clone());
                 std::thread::spawn(move || {
-                    let consumer: BaseConsumer = crate::log::kafka::reader_config(&brokers).create()?;
+                    let consumer: BaseConsumer =
+                        crate::log::kafka::reader_config(&brokers).create()?;
                     let mut tpl = rdkafka::TopicPartitionList::new();
                     tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning)?;
                     consumer.assign(&tpl)?;
@@ -423,7 +430,9 @@ async fn bare_kafka(brokers: &str, topic: &str, n: usize) -> anyhow::Result<(f64
             .collect();
         let mut read = 0;
         for r in readers {
-            read += r.join().map_err(|_| anyhow!("a reader thread panicked"))??;
+            read += r
+                .join()
+                .map_err(|_| anyhow!("a reader thread panicked"))??;
         }
         Ok::<_, anyhow::Error>(rate(read, started))
     })

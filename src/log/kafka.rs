@@ -79,10 +79,7 @@ pub(crate) fn reader_config(brokers: &str) -> ClientConfig {
 }
 
 /// The producer settings of every write (also used bare by `refold bench`).
-pub(crate) fn new_producer(
-    brokers: &str,
-    timeout: Duration,
-) -> Result<FutureProducer, KafkaError> {
+pub(crate) fn new_producer(brokers: &str, timeout: Duration) -> Result<FutureProducer, KafkaError> {
     let ms = timeout.as_millis().max(1000).to_string();
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -294,9 +291,7 @@ impl EventLog for KafkaLog {
         partition: u32,
         from: u64,
     ) -> LogResult<Box<dyn PartitionReader>> {
-        let consumer: BaseConsumer = reader_config(&self.brokers)
-            .create()
-            .map_err(kafka_err)?;
+        let consumer: BaseConsumer = reader_config(&self.brokers).create().map_err(kafka_err)?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition as i32, Offset::Offset(from as i64))
             .map_err(kafka_err)?;
