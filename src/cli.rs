@@ -66,8 +66,9 @@ this machine and the backends the flags select (the embedded ones by default;
 
 Each refold figure is shown with the raw limit that bounds it and the ratio.
 refold runs inside this process, under a fresh temporary data directory and a
-topic prefix of its own, so a bench never touches a deployment's data. Build
-with --release: a debug build measures the compiler, not refold.";
+topic prefix of its own, so a bench never touches a deployment's data
+(--data-dir, --topic-prefix and --listen are ignored). Build with --release: a
+debug build measures the compiler, not refold. See docs/BENCHMARKS.md.";
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
