@@ -790,15 +790,21 @@ async fn replay(http: &reqwest::Client, base: &str, projection: &str) -> anyhow:
 
 /// This process's peak resident memory (Linux), MiB.
 fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: f64 = status
+    Some(proc_memory("self", "VmHWM")? as f64 / (1 << 20) as f64)
+}
+
+/// A memory figure (`VmHWM`, `VmRSS`, ...) of `/proc/{pid}/status`, in bytes;
+/// `pid` is a process id or `self`. Linux only.
+pub fn proc_memory(pid: &str, key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
         .split_whitespace()
-        .nth(1)?
+        .next()?
         .parse()
         .ok()?;
-    Some(kib / 1024.0)
+    Some(kib * 1024)
 }
 
 /// A progress bar over [`STEPS`], with the current measurement as its message.

@@ -1276,17 +1276,8 @@ async fn post_stats_equal_the_log_up_to_their_checkpoints(stack: &Stack) -> u64 
 
 /// Peak and current resident memory of a process, in bytes.
 fn memory(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap()
-            * 1024
-    };
-    (kib("VmHWM:"), kib("VmRSS:"))
+    let read = |key| refold::bench::proc_memory(&pid.to_string(), key).expect(key);
+    (read("VmHWM"), read("VmRSS"))
 }
 
 #[tokio::test]

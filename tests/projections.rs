@@ -94,6 +94,16 @@ async fn start(config: &Config) -> (Refold, Api) {
     (r, api)
 }
 
+/// The status of projection `name` once it has halted (`failed`), waiting up to
+/// 30 s for it.
+async fn failed(api: &Api, name: &str) -> Value {
+    common::eventually(30, &format!("{name} to halt"), || async move {
+        let s = status(api, name).await;
+        (s["state"] == "failed").then_some(s)
+    })
+    .await
+}
+
 async fn status(api: &Api, name: &str) -> Value {
     let (s, b) = api.get(&format!("/projections/{name}")).await;
     assert_eq!(s, 200, "{b}");
@@ -388,14 +398,7 @@ async fn poison_events_become_dead_letters_and_the_projection_carries_on() {
     );
     assert_eq!(s["state"], "running");
 
-    let strict = common::eventually(30, "the strict projection to halt", || {
-        let api = api.clone();
-        async move {
-            let s = status(&api, "strict").await;
-            (s["state"] == "failed").then_some(s)
-        }
-    })
-    .await;
+    let strict = failed(&api, "strict").await;
     assert!(
         strict["error"]
             .as_str()
@@ -417,14 +420,7 @@ async fn poison_events_become_dead_letters_and_the_projection_carries_on() {
     r.stop().await;
     drop(api);
     let (r, api) = start(&config).await;
-    let strict = common::eventually(30, "the strict projection to halt again", || {
-        let api = api.clone();
-        async move {
-            let s = status(&api, "strict").await;
-            (s["state"] == "failed").then_some(s)
-        }
-    })
-    .await;
+    let strict = failed(&api, "strict").await;
     assert_eq!(strict["dead_letters"]["count"], 1, "{strict}");
     assert_eq!(status(&api, "scores").await["dead_letters"]["count"], 1);
     r.stop().await;

@@ -652,6 +652,7 @@ fn amount(by: Option<i64>, from: Option<String>) -> Result<Source, String> {
 }
 
 fn validate_op(raw: RawOp) -> Result<Op, String> {
+    let negate = matches!(raw, RawOp::Decr { .. });
     let (key, kind) = match raw {
         RawOp::Set {
             field,
@@ -683,15 +684,8 @@ fn validate_op(raw: RawOp) -> Result<Op, String> {
             by,
             from,
             key,
-        } => (
-            key,
-            OpKind::Incr {
-                field: field_name(field)?,
-                by: amount(by, from)?,
-                negate: false,
-            },
-        ),
-        RawOp::Decr {
+        }
+        | RawOp::Decr {
             field,
             by,
             from,
@@ -701,7 +695,7 @@ fn validate_op(raw: RawOp) -> Result<Op, String> {
             OpKind::Incr {
                 field: field_name(field)?,
                 by: amount(by, from)?,
-                negate: true,
+                negate,
             },
         ),
         RawOp::Add { field, from, key } => (
