@@ -129,6 +129,11 @@ pub struct Settings {
     /// Most events a projection folds into one store write [default: 1000]
     #[arg(long, env = "REFOLD_PROJECTION_BATCH", value_name = "N")]
     pub projection_batch: Option<usize>,
+    /// Under load, a document projection's worker commits (and refreshes) at most
+    /// once per this interval, folding what arrived meanwhile into one store
+    /// write; an idle worker commits at once (ms) [default: 50]
+    #[arg(long, env = "REFOLD_DOCUMENT_COMMIT_INTERVAL_MS", value_name = "MS")]
+    pub document_commit_interval_ms: Option<u64>,
     /// Keep every event in the built-in `stream_history` document projection, for
     /// GET /streams/{stream}/events [default: true]
     #[arg(long, env = "REFOLD_STREAM_HISTORY", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
@@ -163,6 +168,7 @@ impl Settings {
             kafka_timeout_ms,
             snapshot_every,
             projection_batch,
+            document_commit_interval_ms,
             stream_history
         )
     }
@@ -232,6 +238,7 @@ pub struct Config {
     pub kafka_timeout: Duration,
     pub snapshot_every: u64,
     pub projection_batch: usize,
+    pub document_commit_interval: Duration,
     pub stream_history: bool,
 }
 
@@ -284,6 +291,9 @@ impl Config {
             kafka_timeout: Duration::from_millis(s.kafka_timeout_ms.unwrap_or(10_000).max(1000)),
             snapshot_every: s.snapshot_every.unwrap_or(10_000).max(1),
             projection_batch: positive("projection_batch", s.projection_batch, 1000)?,
+            document_commit_interval: Duration::from_millis(
+                s.document_commit_interval_ms.unwrap_or(50),
+            ),
             stream_history: s.stream_history.unwrap_or(true),
         })
     }

@@ -162,6 +162,7 @@ impl Refold {
                 topic: events,
                 partitions,
                 batch: config.projection_batch,
+                commit_interval: config.document_commit_interval,
                 specs,
             },
         )

@@ -132,6 +132,68 @@ async fn embedded_read_models_equal_an_independent_fold() {
 }
 
 #[tokio::test]
+async fn a_busy_document_worker_gathers_appends_into_one_commit_and_an_idle_one_commits_at_once() {
+    // Commit pacing of document projections: a worker that committed less than
+    // the interval ago gathers what arrives into the same batch. With an interval of ten minutes, only a
+    // full batch (10 events) ends the gathering, whatever the machine's speed.
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(Settings {
+        data_dir: Some(dir.path().to_owned()),
+        projection_batch: Some(10),
+        document_commit_interval_ms: Some(600_000),
+        ..Default::default()
+    });
+    let (r, api) = start(&config).await;
+    let append = |body: Value| {
+        let api = &api;
+        async move {
+            let (st, b) = api
+                .send(
+                    "POST",
+                    "/streams/post-p1/events",
+                    "application/json",
+                    body.to_string(),
+                )
+                .await;
+            assert_eq!(st, 201, "{b}");
+            b["position"].as_str().unwrap().to_owned()
+        }
+    };
+    let read = |token: String| {
+        let api = &api;
+        async move {
+            let (st, b) = api
+                .get(&format!("/views/posts/p1?after={token}&wait_ms=60000"))
+                .await;
+            assert_eq!(st, 200, "{b}");
+            b
+        }
+    };
+    // Idle: the first event is committed at once, not after the interval.
+    let token = append(json!({"type": "PostPublished", "data": {"post_id": "p1",
+        "tribe_id": "t1", "author_id": "u1", "title": "t", "body": "b"}}))
+    .await;
+    assert_eq!(read(token).await["tribe_id"], "t1");
+    assert_eq!(status(&api, "posts").await["commits"], 1);
+    // Busy: 20 likes, one request each, fold as two full batches.
+    let mut token = String::new();
+    for i in 0..20 {
+        token = append(
+            json!({"type": "PostLiked", "data": {"post_id": "p1", "user_id": format!("u{i}")}}),
+        )
+        .await;
+    }
+    assert_eq!(read(token).await["likes"], 20);
+    let s = status(&api, "posts").await;
+    assert_eq!(
+        (s["events"].as_u64(), s["commits"].as_u64()),
+        (Some(21), Some(3)),
+        "{s}"
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
 async fn kafka_redis_read_models_equal_the_oracle_with_a_competing_engine() {
     // A second engine projects the same projections into the same Redis at the same
     // time, as a second refold process would: checkpoint fencing must keep every
@@ -149,6 +211,7 @@ async fn kafka_redis_read_models_equal_the_oracle_with_a_competing_engine() {
             topic: config.topic("events"),
             partitions: PARTITIONS,
             batch: 50,
+            commit_interval: config.document_commit_interval,
             specs,
         },
     )

@@ -5,8 +5,14 @@
 //! events topic. A worker owns its position: it reads the checkpoint from the store
 //! (never a consumer-group commit), reads a micro-batch from the log, folds it
 //! ([`super::fold`]) and commits effects and checkpoint in one atomic step
-//! ([`KvSession::commit`]). A crash between batches loses nothing and applies
-//! nothing twice (I6). When the commit finds a checkpoint it did not expect, the
+//! ([`super::store::Session::commit`]). A crash between batches loses nothing and applies
+//! nothing twice (I6). A batch is what the log holds when the worker reads (so
+//! batches grow while a commit is slow, and a hot key is written once per batch).
+//! Document projections are paced besides: each commit is a new segment to
+//! refresh and merge (Elasticsearch, tantivy), so a worker that committed less
+//! than `commit_interval` ago gathers what arrives until then into the same batch
+//! (up to `batch` events and [`READ_BATCH_BYTES`] read); an idle worker commits an
+//! arriving event at once. When the commit finds a checkpoint it did not expect, the
 //! worker was fenced (another process moved the partition on, or the store lost its
 //! data): it applies nothing, re-reads the checkpoint and resumes from there, from
 //! offset 0 if the checkpoint is gone, which rebuilds what the store lost. An idle
@@ -41,7 +47,7 @@ use super::store::doc::{IndexSpec, Specs};
 use super::store::{Commit, GenInfo, GenRef, Meta, ReadStore, Store, StoreError, Stores};
 use crate::error::ApiError;
 use crate::event::Envelope;
-use crate::log::{ConsumedRecord, EventLog};
+use crate::log::{ConsumedRecord, EventLog, READ_BATCH_BYTES};
 use crate::position::Position;
 
 /// How long a worker waits on an empty partition before it looks again.
@@ -87,6 +93,7 @@ struct Ctx {
     topic: String,
     partitions: u32,
     batch: usize,
+    commit_interval: Duration,
     /// Set at shutdown: replays stop without being dropped, to resume at start.
     shutting_down: AtomicBool,
 }
@@ -126,6 +133,8 @@ pub struct Generation {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Records folded by this process (all types, for rates and progress).
     records: AtomicU64,
+    /// Store writes (batches committed with their checkpoint) by this process.
+    commits: AtomicU64,
     rate: Mutex<Rate>,
     failed: Mutex<Option<String>>,
 }
@@ -149,6 +158,7 @@ impl Generation {
             stop: watch::channel(false).0,
             tasks: Mutex::new(Vec::new()),
             records: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
             rate: Mutex::new(Rate::default()),
             failed: Mutex::new(None),
         });
@@ -196,6 +206,7 @@ impl Generation {
     }
 
     fn record(&self, n: u64) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
         let total = self.records.fetch_add(n, Ordering::Relaxed) + n;
         self.rate.lock().unwrap().record(total);
     }
@@ -255,9 +266,11 @@ async fn run_partition(
     g.applied.send_modify(|a| a[partition as usize] = next);
     let mut reader = ctx.log.reader(&ctx.topic, partition, next).await?;
     let mut checked = Instant::now();
+    // When this worker last committed (the first batch commits at once).
+    let mut committed: Option<Instant> = None;
     let empty = DocReads::new();
     loop {
-        let batch = tokio::select! {
+        let mut batch = tokio::select! {
             b = reader.next(ctx.batch, POLL_WAIT) => b?,
             _ = stop.changed() => return Ok(Restart::Stop),
         };
@@ -274,6 +287,27 @@ async fn run_partition(
                 }
             }
             continue;
+        }
+        // A document projection under load (its last commit was less than
+        // `commit_interval` ago): what arrives until then joins this batch.
+        let gather_until = committed
+            .filter(|_| g.def.store == StoreKind::Elasticsearch)
+            .map(|c| c + ctx.commit_interval);
+        let mut bytes: usize = batch.records.iter().map(|r| r.record.size()).sum();
+        while batch.records.len() < ctx.batch && bytes < READ_BATCH_BYTES {
+            let wait = gather_until.map_or(Duration::ZERO, |t| {
+                t.saturating_duration_since(Instant::now())
+            });
+            if wait.is_zero() {
+                break;
+            }
+            let more = tokio::select! {
+                b = reader.next(ctx.batch - batch.records.len(), wait) => b?,
+                _ = stop.changed() => return Ok(Restart::Stop),
+            };
+            batch.next_offset = more.next_offset;
+            bytes += more.records.iter().map(|r| r.record.size()).sum::<usize>();
+            batch.records.extend(more.records);
         }
         let count = batch.records.len() as u64;
         let last = batch.records.last().map(|r| r.offset).unwrap_or(next);
@@ -297,6 +331,7 @@ async fn run_partition(
             }
         }
         let commit_to = fx.halted_at.unwrap_or(upto);
+        committed = Some(Instant::now());
         match session
             .commit(expected, commit_to, &fx, &g.def.schema)
             .await?
@@ -689,6 +724,7 @@ impl Projection {
             "partitions": partitions,
             "lag": lag,
             "events": live.records.load(Ordering::Relaxed),
+            "commits": live.commits.load(Ordering::Relaxed),
             "events_per_sec": round(live.per_sec()),
             "dead_letters": {"count": dead_count, "recent": recent},
             "error": failure,
@@ -713,6 +749,9 @@ pub struct EngineConfig {
     pub topic: String,
     pub partitions: u32,
     pub batch: usize,
+    /// Under load, the shortest time between two commits of a document
+    /// projection's worker.
+    pub commit_interval: Duration,
     /// Index declarations of document projections, from `migrations/`.
     pub specs: Specs,
 }
@@ -731,6 +770,7 @@ impl Engine {
             topic: cfg.topic,
             partitions: cfg.partitions,
             batch: cfg.batch,
+            commit_interval: cfg.commit_interval,
             shutting_down: AtomicBool::new(false),
         });
         let mut projections = BTreeMap::new();

@@ -67,7 +67,8 @@ use tantivy::schema::{
     TantivyDocument, Value as _,
 };
 use tantivy::{
-    DocAddress, DocId, Index, IndexReader, IndexWriter, ReloadPolicy, Score, SegmentReader, Term,
+    DocAddress, DocId, DocSet, Index, IndexReader, IndexWriter, ReloadPolicy, Score, SegmentReader,
+    TERMINATED, Term,
 };
 
 use super::doc::{
@@ -229,17 +230,43 @@ impl Gen {
     /// The stored document of `key`, from the last commit.
     fn get(&self, key: &str) -> StoreResult<Option<Map<String, Value>>> {
         let searcher = self.reader.searcher();
-        let q = TermQuery::new(
-            Term::from_field_text(self.key, key),
-            IndexRecordOption::Basic,
-        );
-        let top = searcher
-            .search(&q, &TopDocs::with_limit(1))
-            .map_err(storage)?;
-        match top.first() {
+        self.get_in(&searcher, key)
+    }
+
+    /// The stored document of `key` in `searcher`'s view.
+    fn get_in(
+        &self,
+        searcher: &tantivy::Searcher,
+        key: &str,
+    ) -> StoreResult<Option<Map<String, Value>>> {
+        match self.find(searcher, key)? {
             None => Ok(None),
-            Some((_, addr)) => self.source_of(&searcher, *addr).map(Some),
+            Some(addr) => self.source_of(searcher, addr).map(Some),
         }
+    }
+
+    /// Where the live document of `key` is: a lookup in each segment's postings
+    /// of the key field (no query, no scoring; a key has one live document).
+    fn find(&self, searcher: &tantivy::Searcher, key: &str) -> StoreResult<Option<DocAddress>> {
+        let term = Term::from_field_text(self.key, key);
+        for (ord, segment) in searcher.segment_readers().iter().enumerate() {
+            let postings = segment
+                .inverted_index(self.key)
+                .map_err(storage)?
+                .read_postings(&term, IndexRecordOption::Basic)
+                .map_err(storage)?;
+            let Some(mut postings) = postings else {
+                continue;
+            };
+            let mut doc = postings.doc();
+            while doc != TERMINATED {
+                if segment.alive_bitset().is_none_or(|a| a.is_alive(doc)) {
+                    return Ok(Some(DocAddress::new(ord as u32, doc)));
+                }
+                doc = postings.advance();
+            }
+        }
+        Ok(None)
     }
 
     fn source_of(
@@ -562,13 +589,22 @@ impl Session for DocSession {
     async fn read_fields(
         &mut self,
         keys: &BTreeSet<String>,
-        _fields: &[String],
+        fields: &[String],
     ) -> StoreResult<DocReads> {
+        // Documents and checkpoint commit together here, so no document holds an
+        // offset past the checkpoint: the applied offsets skip nothing, and only
+        // `doc.` fields the fold reads are worth a lookup.
+        if fields.is_empty() {
+            return Ok(DocReads::new());
+        }
         let (gen_, keys, p) = (self.gen_.clone(), keys.clone(), self.partition);
         blocking(move || {
             let mut reads = DocReads::new();
+            let searcher = gen_.reader.searcher();
             for key in keys {
-                let Some(doc) = gen_.get(&key)? else { continue };
+                let Some(doc) = gen_.get_in(&searcher, &key)? else {
+                    continue;
+                };
                 if let Some(a) = applied_offset(&doc, p) {
                     reads.applied.insert(key.clone(), a);
                 }
@@ -614,10 +650,16 @@ impl Session for DocSession {
             let slot = &mut *writer;
             let writer = slot.as_mut().expect("opened above");
             let written = (|| {
+                let searcher = gen_.reader.searcher();
                 for (key, delta) in &docs {
-                    let current = gen_.get(key)?;
+                    let current = gen_.get_in(&searcher, key)?;
+                    // A key not in the index has nothing to delete (the writer
+                    // holds nothing uncommitted: a failed commit drops it).
+                    let existed = current.is_some();
                     let new = apply_delta(key, current, delta, p, next).map_err(storage)?;
-                    writer.delete_term(Term::from_field_text(gen_.key, key));
+                    if existed {
+                        writer.delete_term(Term::from_field_text(gen_.key, key));
+                    }
                     if let Some(doc) = new {
                         writer
                             .add_document(gen_.to_index(key, &doc))
