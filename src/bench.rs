@@ -69,7 +69,7 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
         LogBackend::Kafka => "Kafka log adapter read (rdkafka)",
     };
     figures.push(raw(
-        &format!("raw: {log_name} append ({RECORD_BYTES} B records, batches of {BATCH})"),
+        &format!("raw: {log_name} append ({RECORD_BYTES} B records keyed as events, compacted topic, batches of {BATCH})"),
         append,
         "events/s",
     ));
@@ -129,51 +129,42 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
     };
     pb.inc(1);
 
-    // refold, served here on the same backends.
-    pb.set_message("refold: starting");
-    let refold = Refold::start(config, log.clone()).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let app = crate::http::app(refold.state.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()?;
+    // refold, served here on the same backends. First the write path alone (no
+    // projection folds beside it): what the targets compare with the raw producer.
     let limit = Some((format!("raw: {log_name} append"), append));
-
-    pb.set_message("refold: bulk ingest");
-    let rate = ingest_bulk(&http, &base, n).await?;
+    let mut alone = config.clone();
+    alone.projections = config.data_dir.join("no-projections");
+    alone.stream_history = false;
+    pb.set_message("refold: starting the write path alone");
+    let served = Served::start(&alone, log.clone()).await?;
+    pb.set_message("refold: bulk ingest, write path alone");
+    let rate = ingest_bulk(&served.http, &served.base, n, 1).await?;
     figures.push(Figure {
-        what: format!("refold: HTTP bulk ingest (NDJSON, {BATCH} events per request, 4 clients)"),
+        what: format!("refold: HTTP bulk ingest, write path alone (NDJSON, {BATCH} events per request, 4 clients)"),
         value: rate,
         unit: "events/s",
         limit: limit.clone(),
     });
-    pb.inc(1);
-
-    pb.set_message("refold: single-event ingest");
+    pb.set_message("refold: single-event ingest, write path alone");
     let singles = (n / 10).clamp(1000, 20_000);
-    let rate = ingest_single(&http, &base, singles, 64).await?;
+    let rate = ingest_single(&served.http, &served.base, singles, 64).await?;
     figures.push(Figure {
-        what: "refold: HTTP single-event ingest (64 clients)".into(),
+        what: "refold: HTTP single-event ingest, write path alone (64 clients)".into(),
         value: rate,
         unit: "events/s",
         limit: limit.clone(),
     });
+    pb.set_message("refold: latency at 1,000 requests/s, write path alone");
+    let lat = latency_at_rate(&served.http, &served.base, 1000, sizes.latency_secs).await?;
+    latency_figures(&mut figures, &lat, "write path alone");
+    served.stop().await;
     pb.inc(1);
 
-    pb.set_message("refold: latency at 1,000 requests/s");
-    let lat = latency_at_rate(&http, &base, 1000, sizes.latency_secs).await?;
-    for (q, v) in [("p50", lat[0]), ("p99", lat[1]), ("p99.9", lat[2])] {
-        figures.push(Figure {
-            what: format!("refold: append latency {q} at 1,000 requests/s"),
-            value: v,
-            unit: "ms",
-            limit: None,
-        });
-    }
-    pb.inc(1);
-
+    // Then refold as it runs: the demo projections fold beside ingest, on the
+    // same cores. They first fold what the write path alone appended.
+    pb.set_message("refold: starting with the projections");
+    let served = Served::start(config, log.clone()).await?;
+    let (http, base) = (served.http.clone(), served.base.clone());
     // The read-side figures need the demo projections; without them (an empty
     // --projections directory) the bench measures ingest alone.
     let projected = http
@@ -188,71 +179,166 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
             .await?
             .status()
             .is_success();
-    if projected {
-        pb.set_message("refold: visibility latency");
-        let vis = visibility(&http, &base, sizes.visibility_samples).await?;
-        for (q, v) in [("p50", vis[0]), ("p99", vis[1])] {
-            figures.push(Figure {
-                what: format!("refold: append to visible in post_stats, {q}"),
-                value: v,
-                unit: "ms",
-                limit: None,
-            });
-        }
-        pb.inc(1);
-
-        pb.set_message("refold: replays");
-        let total = log_events(&*log, config).await?;
-        for (projection, store) in [
-            ("post_stats", kv_write.clone()),
-            ("posts", doc_write.clone()),
-        ] {
-            let secs = replay(&http, &base, projection).await?;
-            let bound = match store {
-                Some((name, w)) if w < read => Some((format!("raw: {name}"), w)),
-                _ => Some((format!("raw: {read_name}"), read)),
-            };
-            figures.push(Figure {
-                what: format!("refold: replay of {projection} ({total} events)"),
-                value: total as f64 / secs,
-                unit: "events/s",
-                limit: bound,
-            });
-            pb.inc(1);
-        }
-        pb.set_message("refold: hot key");
-        let hot = n / 2;
-        let secs = hot_key(&http, &base, hot).await?;
-        figures.push(Figure {
-            what: format!(
-                "refold: hot key ({hot} events, 90% of likes and views on post p1), ingest until folded into post_stats"
-            ),
-            value: hot as f64 / secs,
-            unit: "events/s",
-            limit: limit.clone(),
-        });
-        pb.inc(1);
-    } else {
-        pb.inc(4);
+    if !projected {
+        pb.inc(7);
         figures.push(raw(
-            "refold: read-side figures skipped (the demo projections post_stats and posts are not loaded)",
+            "refold: figures with projections skipped (the demo projections post_stats and posts are not loaded)",
             f64::NAN,
             "",
         ));
+        figures.push(peak_rss(
+            "refold: peak RSS of this process (bench client included)",
+        ));
+        served.stop().await;
+        return Ok(figures);
     }
+    pb.set_message("refold: projections catching up");
+    caught_up(&http, &base).await?;
+    pb.set_message("refold: bulk ingest with projections");
+    let rate = ingest_bulk(&http, &base, n, 2).await?;
     figures.push(Figure {
-        what: "refold: peak RSS of this process (bench client included)".into(),
-        value: peak_rss_mib().unwrap_or(f64::NAN),
-        unit: "MiB",
-        limit: None,
+        what: format!("refold: HTTP bulk ingest, the demo projections folding beside it (NDJSON, {BATCH} events per request, 4 clients)"),
+        value: rate,
+        unit: "events/s",
+        limit: limit.clone(),
     });
-    server.abort();
-    refold.stop().await;
+    pb.inc(1);
+    pb.set_message("refold: latency at 1,000 requests/s with projections");
+    // At a steady rate the projections keep up: start from a caught-up state,
+    // not from the backlog of the bulk ingest.
+    caught_up(&http, &base).await?;
+    let lat = latency_at_rate(&http, &base, 1000, sizes.latency_secs).await?;
+    latency_figures(&mut figures, &lat, "the projections folding");
+    pb.inc(1);
+
+    pb.set_message("refold: visibility latency");
+    caught_up(&http, &base).await?;
+    let vis = visibility(&http, &base, sizes.visibility_samples).await?;
+    for (q, v) in [("p50", vis[0]), ("p99", vis[1])] {
+        figures.push(Figure {
+            what: format!("refold: append to visible in post_stats, {q}"),
+            value: v,
+            unit: "ms",
+            limit: None,
+        });
+    }
+    pb.inc(1);
+
+    pb.set_message("refold: replays");
+    caught_up(&http, &base).await?;
+    let total = log_events(&*log, config).await?;
+    for (projection, store) in [
+        ("post_stats", kv_write.clone()),
+        ("posts", doc_write.clone()),
+    ] {
+        // Peak memory from here on: the replay's, apart from what the bench
+        // client and the earlier measurements needed.
+        let before = reset_peak_rss();
+        let secs = replay(&http, &base, projection).await?;
+        let bound = match store {
+            Some((name, w)) if w < read => Some((format!("raw: {name}"), w)),
+            _ => Some((format!("raw: {read_name}"), read)),
+        };
+        figures.push(Figure {
+            what: format!("refold: replay of {projection} ({total} events)"),
+            value: total as f64 / secs,
+            unit: "events/s",
+            limit: bound,
+        });
+        figures.push(peak_rss(&format!(
+            "refold: peak RSS during the replay of {projection} ({total} events; {} MiB before it)",
+            before.map_or("-".into(), |b| human(b))
+        )));
+        pb.inc(1);
+    }
+    pb.set_message("refold: hot key");
+    let hot = n / 2;
+    let secs = hot_key(&http, &base, hot).await?;
+    figures.push(Figure {
+        what: format!(
+            "refold: hot key ({hot} events, 90% of likes and views on post p1), ingest until folded into post_stats"
+        ),
+        value: hot as f64 / secs,
+        unit: "events/s",
+        limit: limit.clone(),
+    });
+    pb.inc(1);
+    figures.push(peak_rss(
+        "refold: peak RSS of this process since the replays (bench client included)",
+    ));
+    served.stop().await;
     Ok(figures)
 }
 
+/// refold served in this process on `config`, with an HTTP client for it.
+struct Served {
+    refold: Refold,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Served {
+    async fn start(config: &Config, log: Arc<dyn EventLog>) -> anyhow::Result<Served> {
+        let refold = Refold::start(config, log).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let app = crate::http::app(refold.state.clone());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .build()?;
+        Ok(Served {
+            refold,
+            server,
+            http,
+            base,
+        })
+    }
+
+    async fn stop(self) {
+        self.server.abort();
+        self.refold.stop().await;
+    }
+}
+
+fn latency_figures(figures: &mut Vec<Figure>, lat: &[f64; 3], beside: &str) {
+    for (q, v) in [("p50", lat[0]), ("p99", lat[1]), ("p99.9", lat[2])] {
+        figures.push(Figure {
+            what: format!("refold: append latency {q} at 1,000 requests/s, {beside}"),
+            value: v,
+            unit: "ms",
+            limit: None,
+        });
+    }
+}
+
+/// Waits until every projection has folded the whole log (lag 0).
+async fn caught_up(http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let b: Value = http
+            .get(format!("{base}/projections"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let list = b["projections"].as_array().cloned().unwrap_or_default();
+        if let Some(failed) = list.iter().find(|p| p["state"] == "failed") {
+            bail!("projection {} failed: {}", failed["name"], failed["error"]);
+        }
+        if list.iter().all(|p| p["lag"] == 0) {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            bail!("the projections did not catch up with the log within 30 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// How many steps [`run`] reports to its progress bar.
-pub const STEPS: u64 = 10;
+pub const STEPS: u64 = 11;
 
 fn raw(what: &str, value: f64, unit: &'static str) -> Figure {
     Figure {
@@ -305,31 +391,51 @@ fn rate(n: usize, since: Instant) -> f64 {
     n as f64 / since.elapsed().as_secs_f64().max(1e-9)
 }
 
-/// Appends `n` records of [`RECORD_BYTES`] in batches of [`BATCH`] (spread over 3
-/// partitions) straight to the log, then reads them back: events/s of each.
-async fn raw_log(log: &dyn EventLog, config: &Config, n: usize) -> anyhow::Result<(f64, f64)> {
-    let topic = config.topic("bench-raw");
-    log.create_topic(&TopicSpec {
-        name: topic.clone(),
+/// The raw records: [`RECORD_BYTES`] each, keyed and partitioned as refold keys
+/// events (`{stream}/{version}`, 1000 streams, the stream's partition of 3).
+fn raw_record(i: usize) -> (String, u32) {
+    let stream = format!("bench-{}", i % 1000);
+    let partition = crate::log::partition_for(&stream, 3);
+    (
+        crate::event::event_key(&stream, (i / 1000) as u64 + 1),
+        partition,
+    )
+}
+
+/// The raw topics' settings: refold's events topic's (3 partitions, compacted).
+fn raw_topic(name: &str) -> TopicSpec {
+    TopicSpec {
+        name: name.to_owned(),
         partitions: 3,
         replication_factor: 1,
-        config: Default::default(),
-    })
-    .await?;
+        config: [("cleanup.policy".to_owned(), "compact".to_owned())].into(),
+    }
+}
+
+/// Appends `n` records ([`raw_record`]) in batches of [`BATCH`] straight to the
+/// log, then reads them back: events/s of each.
+async fn raw_log(log: &dyn EventLog, config: &Config, n: usize) -> anyhow::Result<(f64, f64)> {
+    let topic = config.topic("bench-raw");
+    log.create_topic(&raw_topic(&topic)).await?;
     let value = vec![b'x'; RECORD_BYTES];
+    let mut per_partition = [0usize; 3];
     let started = Instant::now();
     let mut sent = 0;
     while sent < n {
         let batch: Vec<ProduceRecord> = (sent..(sent + BATCH).min(n))
-            .map(|i| ProduceRecord {
-                topic: topic.clone(),
-                partition: (i % 3) as u32,
-                record: Record {
-                    key: format!("k/{i}"),
-                    value: Some(value.clone()),
-                    headers: vec![("type".into(), b"Bench".to_vec())],
-                    timestamp_ms: 0,
-                },
+            .map(|i| {
+                let (key, partition) = raw_record(i);
+                per_partition[partition as usize] += 1;
+                ProduceRecord {
+                    topic: topic.clone(),
+                    partition,
+                    record: Record {
+                        key,
+                        value: Some(value.clone()),
+                        headers: vec![("type".into(), b"Bench".to_vec())],
+                        timestamp_ms: 0,
+                    },
+                }
             })
             .collect();
         sent += batch.len();
@@ -341,7 +447,7 @@ async fn raw_log(log: &dyn EventLog, config: &Config, n: usize) -> anyhow::Resul
         let topic = topic.clone();
         async move {
             let mut reader = log.reader(&topic, p, 0).await?;
-            let want = n / 3 + usize::from((p as usize) < n % 3);
+            let want = per_partition[p as usize];
             let mut got = 0;
             while got < want {
                 let batch = reader.next(BATCH, Duration::from_secs(10)).await?;
@@ -367,24 +473,20 @@ async fn bare_kafka(brokers: &str, topic: &str, n: usize) -> anyhow::Result<(f64
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::producer::FutureRecord;
     let log = crate::log::kafka::KafkaLog::new(brokers, Duration::from_secs(30))?;
-    log.create_topic(&TopicSpec {
-        name: topic.to_owned(),
-        partitions: 3,
-        replication_factor: 1,
-        config: Default::default(),
-    })
-    .await?;
+    log.create_topic(&raw_topic(topic)).await?;
     let producer = crate::log::kafka::new_producer(brokers, Duration::from_secs(30))?;
     let value = vec![b'x'; RECORD_BYTES];
+    let mut per_partition = [0usize; 3];
     let started = Instant::now();
     let mut sent = 0;
     while sent < n {
         let window = (n - sent).min(10_000);
         let mut pending = Vec::with_capacity(window);
         for i in sent..sent + window {
-            let key = format!("k/{i}");
+            let (key, partition) = raw_record(i);
+            per_partition[partition as usize] += 1;
             let record = FutureRecord::to(topic)
-                .partition((i % 3) as i32)
+                .partition(partition as i32)
                 .key(&key)
                 .payload(&value);
             match producer.send_result(record) {
@@ -413,7 +515,7 @@ async fn bare_kafka(brokers: &str, topic: &str, n: usize) -> anyhow::Result<(f64
                     let mut tpl = rdkafka::TopicPartitionList::new();
                     tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning)?;
                     consumer.assign(&tpl)?;
-                    let want = n / 3 + usize::from((p as usize) < n % 3);
+                    let want = per_partition[p as usize];
                     let mut got = 0;
                     while got < want {
                         match consumer.poll(Duration::from_secs(10)) {
@@ -517,9 +619,18 @@ async fn raw_bulk(url: &str, prefix: &str, n: usize) -> anyhow::Result<f64> {
     Ok(r)
 }
 
-/// Posts `n` demo events as NDJSON bulks of [`BATCH`] from 4 clients: events/s.
-async fn ingest_bulk(http: &reqwest::Client, base: &str, n: usize) -> anyhow::Result<f64> {
-    let mut generator = Generator::new(DemoConfig::default());
+/// Posts `n` demo events of generator seed `seed` as NDJSON bulks of [`BATCH`]
+/// from 4 clients: events/s.
+async fn ingest_bulk(
+    http: &reqwest::Client,
+    base: &str,
+    n: usize,
+    seed: u64,
+) -> anyhow::Result<f64> {
+    let mut generator = Generator::new(DemoConfig {
+        seed,
+        ..DemoConfig::default()
+    });
     let bodies: std::collections::VecDeque<String> = (0..n.div_ceil(BATCH))
         .map(|i| {
             generator
@@ -788,9 +899,21 @@ async fn replay(http: &reqwest::Client, base: &str, projection: &str) -> anyhow:
     }
 }
 
-/// This process's peak resident memory (Linux), MiB.
-fn peak_rss_mib() -> Option<f64> {
-    Some(proc_memory("self", "VmHWM")? as f64 / (1 << 20) as f64)
+/// This process's peak resident memory (Linux), as a figure.
+fn peak_rss(what: &str) -> Figure {
+    Figure {
+        what: what.into(),
+        value: proc_memory("self", "VmHWM").map_or(f64::NAN, |b| b as f64 / (1 << 20) as f64),
+        unit: "MiB",
+        limit: None,
+    }
+}
+
+/// Resets this process's peak resident memory to what it holds now (Linux: 5 to
+/// `/proc/self/clear_refs`); that, in MiB.
+fn reset_peak_rss() -> Option<f64> {
+    std::fs::write("/proc/self/clear_refs", "5").ok()?;
+    Some(proc_memory("self", "VmRSS")? as f64 / (1 << 20) as f64)
 }
 
 /// A memory figure (`VmHWM`, `VmRSS`, ...) of `/proc/{pid}/status`, in bytes;

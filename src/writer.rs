@@ -526,6 +526,7 @@ impl WriterLoop {
             replies.push((reply, _ticket));
         }
 
+        let append_started = Instant::now();
         let offsets = match self.log.append(records).await {
             Ok(offsets) => offsets,
             Err(e) => {
@@ -574,7 +575,12 @@ impl WriterLoop {
             }
         }
         self.since_snapshot += written;
-        debug!(jobs = replies.len(), events = written, "batch durable");
+        debug!(
+            jobs = replies.len(),
+            events = written,
+            append_ms = append_started.elapsed().as_secs_f64() * 1e3,
+            "batch durable"
+        );
 
         for ((reply, _ticket), job_plans) in replies.into_iter().zip(plans) {
             let results = job_plans
