@@ -78,7 +78,13 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
     let (append, read) = match (&config.log, &config.kafka_brokers) {
         (LogBackend::Kafka, Some(brokers)) => {
             pb.set_message("raw: bare rdkafka producer and consumer");
-            let (p, c) = bare_kafka(brokers, &config.topic("bench-bare"), n).await?;
+            let (p, c) = bare_kafka(
+                brokers,
+                config.kafka_fetch_wait,
+                &config.topic("bench-bare"),
+                n,
+            )
+            .await?;
             figures.push(raw(
                 &format!(
                     "raw: bare rdkafka producer ({RECORD_BYTES} B records, refold's settings)"
@@ -111,7 +117,17 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
             ));
             Some(("Redis pipeline".to_owned(), r))
         }
-        None => None,
+        None => {
+            pb.set_message("raw: redb transactions");
+            let dir = config.data_dir.join("bench-raw-redb");
+            let r = tokio::task::spawn_blocking(move || raw_redb(&dir, n)).await??;
+            figures.push(raw(
+                &format!("raw: redb increments (transactions of {BATCH}, fsync each)"),
+                r,
+                "writes/s",
+            ));
+            Some(("redb transactions".to_owned(), r))
+        }
     };
     pb.inc(1);
     let doc_write = match &config.elasticsearch_url {
@@ -125,7 +141,17 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
             ));
             Some(("Elasticsearch _bulk".to_owned(), r))
         }
-        None => None,
+        None => {
+            pb.set_message("raw: tantivy commits");
+            let dir = config.data_dir.join("bench-raw-tantivy");
+            let r = tokio::task::spawn_blocking(move || raw_tantivy(&dir, n)).await??;
+            figures.push(raw(
+                &format!("raw: tantivy documents (commits of {BATCH}, reader reloaded)"),
+                r,
+                "docs/s",
+            ));
+            Some(("tantivy commits".to_owned(), r))
+        }
     };
     pb.inc(1);
 
@@ -253,7 +279,21 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
     }
     pb.set_message("refold: hot key");
     let hot = n / 2;
+    let commits = |http: reqwest::Client| {
+        let base = base.clone();
+        async move {
+            let b: Value = http
+                .get(format!("{base}/projections/post_stats"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            Ok::<_, anyhow::Error>(b["commits"].as_u64().unwrap_or(0))
+        }
+    };
+    let before = commits(http.clone()).await?;
     let secs = hot_key(&http, &base, hot).await?;
+    let writes = commits(http.clone()).await? - before;
     figures.push(Figure {
         what: format!(
             "refold: hot key ({hot} events, 90% of likes and views on post p1), ingest until folded into post_stats"
@@ -262,6 +302,15 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
         unit: "events/s",
         limit: limit.clone(),
     });
+    // Operations on one key are combined per batch: p1 is written once per
+    // commit, so the events per commit say how much a hot key is folded down.
+    figures.push(raw(
+        &format!(
+            "refold: hot key, events per post_stats commit ({writes} commits, each writing p1 once)"
+        ),
+        hot as f64 / writes.max(1) as f64,
+        "events",
+    ));
     pb.inc(1);
     figures.push(peak_rss(
         "refold: peak RSS of this process since the replays (bench client included)",
@@ -469,7 +518,12 @@ async fn raw_log(log: &dyn EventLog, config: &Config, n: usize) -> anyhow::Resul
 /// explicit partitions) sends `n` records of [`RECORD_BYTES`], 10,000 in flight at
 /// most; then one bare consumer per partition reads them back, all at once.
 /// Events/s of each.
-async fn bare_kafka(brokers: &str, topic: &str, n: usize) -> anyhow::Result<(f64, f64)> {
+async fn bare_kafka(
+    brokers: &str,
+    fetch_wait: Duration,
+    topic: &str,
+    n: usize,
+) -> anyhow::Result<(f64, f64)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::producer::FutureRecord;
     let log = crate::log::kafka::KafkaLog::new(brokers, Duration::from_secs(30))?;
@@ -511,7 +565,7 @@ async fn bare_kafka(brokers: &str, topic: &str, n: usize) -> anyhow::Result<(f64
                 let (brokers, topic) = (brokers.clone(), topic.clone());
                 std::thread::spawn(move || {
                     let consumer: BaseConsumer =
-                        crate::log::kafka::reader_config(&brokers).create()?;
+                        crate::log::kafka::reader_config(&brokers, fetch_wait).create()?;
                     let mut tpl = rdkafka::TopicPartitionList::new();
                     tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning)?;
                     consumer.assign(&tpl)?;
@@ -582,6 +636,83 @@ async fn raw_redis(url: &str, prefix: &str, n: usize) -> anyhow::Result<f64> {
         }
         cursor = next;
     }
+    Ok(r)
+}
+
+/// `n` increments of a counter record (one of 10,000 keys; read, add, write) in
+/// redb write transactions of [`BATCH`], each durable: writes/s. The embedded
+/// key-value store's limit.
+fn raw_redb(dir: &std::path::Path, n: usize) -> anyhow::Result<f64> {
+    use redb::{ReadableTable, TableDefinition};
+    const T: TableDefinition<&str, u64> = TableDefinition::new("counters");
+    std::fs::create_dir_all(dir)?;
+    let db = redb::Database::create(dir.join("raw.redb"))?;
+    let started = Instant::now();
+    let mut done = 0;
+    while done < n {
+        let txn = db.begin_write()?;
+        {
+            let mut t = txn.open_table(T)?;
+            for i in done..(done + BATCH).min(n) {
+                let key = format!("bench:{}", i % 10_000);
+                let v = t.get(key.as_str())?.map_or(0, |v| v.value());
+                t.insert(key.as_str(), v + 1)?;
+            }
+        }
+        txn.commit()?;
+        done = (done + BATCH).min(n);
+    }
+    let r = rate(n, started);
+    drop(db);
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(r)
+}
+
+/// `n` small documents (the `posts` mapping's kinds of fields) added to a
+/// tantivy index in commits of [`BATCH`], the reader reloaded after each, with
+/// the writer refold uses (one thread, 15 MB): docs/s. The embedded document
+/// store's limit.
+fn raw_tantivy(dir: &std::path::Path, n: usize) -> anyhow::Result<f64> {
+    use tantivy::schema::{FAST, INDEXED, STORED, STRING, TEXT};
+    let mut b = tantivy::schema::Schema::builder();
+    let key = b.add_text_field("key", STRING | STORED | FAST);
+    let title = b.add_text_field("title", TEXT);
+    let tribe = b.add_text_field("tribe_id", STRING | FAST);
+    let likes = b.add_i64_field("likes", INDEXED | FAST);
+    let source = b.add_text_field("source", STORED);
+    std::fs::create_dir_all(dir)?;
+    let index = tantivy::Index::create_in_dir(dir, b.build())?;
+    let mut writer: tantivy::IndexWriter = index.writer_with_num_threads(1, 15_000_000)?;
+    let reader = index
+        .reader_builder()
+        .reload_policy(tantivy::ReloadPolicy::Manual)
+        .try_into()?;
+    let started = Instant::now();
+    let mut done = 0;
+    while done < n {
+        for i in done..(done + BATCH).min(n) {
+            let mut doc = tantivy::TantivyDocument::new();
+            doc.add_text(key, format!("p{i}"));
+            doc.add_text(title, format!("post {i}"));
+            doc.add_text(tribe, format!("t{}", i % 20));
+            doc.add_i64(likes, (i % 7) as i64);
+            doc.add_text(
+                source,
+                format!(
+                    "{{\"title\":\"post {i}\",\"tribe_id\":\"t{}\",\"likes\":{}}}",
+                    i % 20,
+                    i % 7
+                ),
+            );
+            writer.add_document(doc)?;
+        }
+        writer.commit()?;
+        reader.reload()?;
+        done = (done + BATCH).min(n);
+    }
+    let r = rate(n, started);
+    drop(writer);
+    let _ = std::fs::remove_dir_all(dir);
     Ok(r)
 }
 
@@ -910,8 +1041,17 @@ fn peak_rss(what: &str) -> Figure {
 }
 
 /// Resets this process's peak resident memory to what it holds now (Linux: 5 to
-/// `/proc/self/clear_refs`); that, in MiB.
+/// `/proc/self/clear_refs`), after handing freed memory back to the system (the
+/// bench client's bodies); that, in MiB.
 fn reset_peak_rss() -> Option<f64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: glibc's malloc_trim only releases free heap memory.
+        unsafe { malloc_trim(0) };
+    }
     std::fs::write("/proc/self/clear_refs", "5").ok()?;
     Some(proc_memory("self", "VmRSS")? as f64 / (1 << 20) as f64)
 }

@@ -123,6 +123,11 @@ pub struct Settings {
     /// How long Kafka may take to confirm a write before it fails (ms) [default: 10000]
     #[arg(long, env = "REFOLD_KAFKA_TIMEOUT_MS", value_name = "MS")]
     pub kafka_timeout_ms: Option<u64>,
+    /// How long a projection's Kafka fetch may wait at the broker for records
+    /// (fetch.wait.max.ms). Kafka answers as soon as records arrive; tansu 0.6
+    /// always waits this long, so it bounds visibility there (ms) [default: 100]
+    #[arg(long, env = "REFOLD_KAFKA_FETCH_WAIT_MS", value_name = "MS")]
+    pub kafka_fetch_wait_ms: Option<u64>,
     /// Snapshot stream heads after this many events [default: 10000]
     #[arg(long, env = "REFOLD_SNAPSHOT_EVERY", value_name = "N")]
     pub snapshot_every: Option<u64>,
@@ -166,6 +171,7 @@ impl Settings {
             max_batch_events,
             idempotency_window,
             kafka_timeout_ms,
+            kafka_fetch_wait_ms,
             snapshot_every,
             projection_batch,
             document_commit_interval_ms,
@@ -236,6 +242,7 @@ pub struct Config {
     pub max_batch_events: usize,
     pub idempotency_window: usize,
     pub kafka_timeout: Duration,
+    pub kafka_fetch_wait: Duration,
     pub snapshot_every: u64,
     pub projection_batch: usize,
     pub document_commit_interval: Duration,
@@ -289,6 +296,11 @@ impl Config {
             max_batch_events: positive("max_batch_events", s.max_batch_events, 5000)?,
             idempotency_window: positive("idempotency_window", s.idempotency_window, 100_000)?,
             kafka_timeout: Duration::from_millis(s.kafka_timeout_ms.unwrap_or(10_000).max(1000)),
+            kafka_fetch_wait: s
+                .kafka_fetch_wait_ms
+                .map_or(crate::log::kafka::DEFAULT_FETCH_WAIT, |ms| {
+                    Duration::from_millis(ms.clamp(1, 10_000))
+                }),
             snapshot_every: s.snapshot_every.unwrap_or(10_000).max(1),
             projection_batch: positive("projection_batch", s.projection_batch, 1000)?,
             document_commit_interval: Duration::from_millis(

@@ -41,7 +41,10 @@ pub fn open_log(config: &Config) -> anyhow::Result<Arc<dyn EventLog>> {
                 .kafka_brokers
                 .as_deref()
                 .context("--kafka-brokers is required")?;
-            Arc::new(KafkaLog::new(brokers, config.kafka_timeout)?)
+            Arc::new(
+                KafkaLog::new(brokers, config.kafka_timeout)?
+                    .with_fetch_wait(config.kafka_fetch_wait),
+            )
         }
     })
 }

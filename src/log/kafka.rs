@@ -25,9 +25,14 @@ use super::{
     READ_BATCH_BYTES, ReadBatch, Record, TopicInfo, TopicSpec,
 };
 
+/// The readers' default `fetch.wait.max.ms`.
+pub const DEFAULT_FETCH_WAIT: Duration = Duration::from_millis(100);
+
 pub struct KafkaLog {
     brokers: String,
     timeout: Duration,
+    /// The readers' `fetch.wait.max.ms`.
+    fetch_wait: Duration,
     /// Replaced after a failed append (see [`KafkaLog::reset_producer`]).
     producer: RwLock<FutureProducer>,
     admin: AdminClient<DefaultClientContext>,
@@ -61,14 +66,14 @@ const READER_PREFETCH_KIB: u32 = 1024;
 
 /// The consumer settings of every partition reader (also used bare by `refold
 /// bench`).
-pub(crate) fn reader_config(brokers: &str) -> ClientConfig {
+pub(crate) fn reader_config(brokers: &str, fetch_wait: Duration) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers)
         .set("group.id", "refold-reader")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "100")
+        .set("fetch.wait.max.ms", fetch_wait.as_millis().to_string())
         // Prefetch is per reader (one per projection and partition), and
         // librdkafka's default lets each buffer 64 MiB: cap it (I9).
         .set(
@@ -109,9 +114,17 @@ impl KafkaLog {
         Ok(Self {
             brokers: brokers.to_owned(),
             timeout,
+            fetch_wait: DEFAULT_FETCH_WAIT,
             producer: RwLock::new(producer),
             admin,
         })
+    }
+
+    /// How long a reader's fetch may wait at the broker for records to arrive
+    /// (`fetch.wait.max.ms`; Kafka answers as soon as a record is there).
+    pub fn with_fetch_wait(mut self, wait: Duration) -> Self {
+        self.fetch_wait = wait;
+        self
     }
 
     fn producer(&self) -> FutureProducer {
@@ -291,7 +304,9 @@ impl EventLog for KafkaLog {
         partition: u32,
         from: u64,
     ) -> LogResult<Box<dyn PartitionReader>> {
-        let consumer: BaseConsumer = reader_config(&self.brokers).create().map_err(kafka_err)?;
+        let consumer: BaseConsumer = reader_config(&self.brokers, self.fetch_wait)
+            .create()
+            .map_err(kafka_err)?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition as i32, Offset::Offset(from as i64))
             .map_err(kafka_err)?;

@@ -11,8 +11,8 @@
 //! Document projections are paced besides: each commit is a new segment to
 //! refresh and merge (Elasticsearch, tantivy), so a worker that committed less
 //! than `commit_interval` ago gathers what arrives until then into the same batch
-//! (up to `batch` events and [`READ_BATCH_BYTES`] read); an idle worker commits an
-//! arriving event at once. When the commit finds a checkpoint it did not expect, the
+//! (up to `batch` events and 1.5 × [`READ_BATCH_BYTES`]); an idle worker commits
+//! an arriving event at once. When the commit finds a checkpoint it did not expect, the
 //! worker was fenced (another process moved the partition on, or the store lost its
 //! data): it applies nothing, re-reads the checkpoint and resumes from there, from
 //! offset 0 if the checkpoint is gone, which rebuilds what the store lost. An idle
@@ -294,7 +294,9 @@ async fn run_partition(
             .filter(|_| g.def.store == StoreKind::Elasticsearch)
             .map(|c| c + ctx.commit_interval);
         let mut bytes: usize = batch.records.iter().map(|r| r.record.size()).sum();
-        while batch.records.len() < ctx.batch && bytes < READ_BATCH_BYTES {
+        // A read returns up to READ_BATCH_BYTES: gathering stops at half of it,
+        // so a batch holds less than 1.5 times that (I9).
+        while batch.records.len() < ctx.batch && bytes < READ_BATCH_BYTES / 2 {
             let wait = gather_until.map_or(Duration::ZERO, |t| {
                 t.saturating_duration_since(Instant::now())
             });

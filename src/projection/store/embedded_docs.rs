@@ -589,14 +589,8 @@ impl Session for DocSession {
     async fn read_fields(
         &mut self,
         keys: &BTreeSet<String>,
-        fields: &[String],
+        _fields: &[String],
     ) -> StoreResult<DocReads> {
-        // Documents and checkpoint commit together here, so no document holds an
-        // offset past the checkpoint: the applied offsets skip nothing, and only
-        // `doc.` fields the fold reads are worth a lookup.
-        if fields.is_empty() {
-            return Ok(DocReads::new());
-        }
         let (gen_, keys, p) = (self.gen_.clone(), keys.clone(), self.partition);
         blocking(move || {
             let mut reads = DocReads::new();
