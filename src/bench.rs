@@ -273,7 +273,7 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
         });
         figures.push(peak_rss(&format!(
             "refold: peak RSS during the replay of {projection} ({total} events; {} MiB before it)",
-            before.map_or("-".into(), |b| human(b))
+            before.map_or("-".into(), human)
         )));
         pb.inc(1);
     }
