@@ -260,7 +260,25 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
         // Peak memory from here on: the replay's, apart from what the bench
         // client and the earlier measurements needed.
         let before = reset_peak_rss();
-        let secs = replay(&http, &base, projection).await?;
+        let anon_before = mib(proc_memory("self", "RssAnon"));
+        // Anonymous memory (heap) sampled while the replay runs: file pages
+        // (mapped index segments, cached by the kernel) are not the service's.
+        let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let sampler = {
+            let sampling = sampling.clone();
+            tokio::spawn(async move {
+                let mut peak = 0u64;
+                while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                    peak = peak.max(proc_memory("self", "RssAnon").unwrap_or(0));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                peak
+            })
+        };
+        let secs = replay(&http, &base, projection).await;
+        sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+        let anon_peak = sampler.await?;
+        let secs = secs?;
         let bound = match store {
             Some((name, w)) if w < read => Some((format!("raw: {name}"), w)),
             _ => Some((format!("raw: {read_name}"), read)),
@@ -275,6 +293,15 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
             "refold: peak RSS during the replay of {projection} ({total} events; {} MiB before it)",
             before.map_or("-".into(), human)
         )));
+        figures.push(Figure {
+            what: format!(
+                "refold: peak anonymous RSS (heap) during the replay of {projection} ({} MiB before it)",
+                anon_before.map_or("-".into(), human)
+            ),
+            value: mib(Some(anon_peak)).unwrap_or(f64::NAN),
+            unit: "MiB",
+            limit: None,
+        });
         pb.inc(1);
     }
     pb.set_message("refold: hot key");
@@ -1028,6 +1055,10 @@ async fn replay(http: &reqwest::Client, base: &str, projection: &str) -> anyhow:
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+fn mib(bytes: Option<u64>) -> Option<f64> {
+    bytes.map(|b| b as f64 / (1 << 20) as f64)
 }
 
 /// This process's peak resident memory (Linux), as a figure.

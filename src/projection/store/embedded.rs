@@ -1,8 +1,14 @@
 //! The embedded key-value read-model store: Redis's semantics on redb.
 //!
 //! One redb file (`{data_dir}/views.redb`) holds every projection. A commit is one
-//! redb write transaction (fsync) that checks the checkpoint, applies the batch and
-//! moves the checkpoint, so data and checkpoint can only move together (I6).
+//! redb write transaction that checks the checkpoint, applies the batch and moves
+//! the checkpoint, so data and checkpoint can only move together (I6). Commits are
+//! made durable (fsync) at most every [`DURABLE_EVERY`]; those in between are
+//! visible at once and reach the disk with the next durable one. A crash rolls the
+//! file back to its last durable commit, data and checkpoints together, and the
+//! workers fold those batches again: a read model is rebuilt from the log, so
+//! only the log needs every commit on disk. Metadata writes (generations, replay
+//! switches) are always durable.
 //!
 //! Each key's read model is one record (its fields, sets, lists and distinct
 //! values), read and rewritten once per batch. Differences from Redis, by design:
@@ -12,10 +18,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -60,7 +69,12 @@ enum Stored {
 
 pub struct EmbeddedKv {
     db: Arc<Database>,
+    /// When a commit was last made durable.
+    durable: Arc<Mutex<Instant>>,
 }
+
+/// The longest time between two durable (fsynced) commits of read models.
+pub const DURABLE_EVERY: Duration = Duration::from_secs(1);
 
 fn storage(e: impl std::fmt::Display) -> StoreError {
     StoreError::Other(format!("embedded store: {e}"))
@@ -115,7 +129,10 @@ impl EmbeddedKv {
             txn.open_table(DEAD_COUNT).map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(db),
+            durable: Arc::new(Mutex::new(Instant::now())),
+        })
     }
 
     async fn blocking<T: Send + 'static>(
@@ -123,6 +140,16 @@ impl EmbeddedKv {
         f: impl FnOnce(&Database) -> Result<T, redb::Error> + Send + 'static,
     ) -> StoreResult<T> {
         blocking(self.db.clone(), f).await
+    }
+}
+
+impl Drop for EmbeddedKv {
+    /// A clean stop keeps what was folded: the last commits are made durable.
+    fn drop(&mut self) {
+        let synced = (|| -> Result<(), redb::Error> { Ok(self.db.begin_write()?.commit()?) })();
+        if let Err(e) = synced {
+            tracing::warn!(error = %e, "embedded key-value store: final sync failed; the last batches will be folded again");
+        }
     }
 }
 
@@ -302,6 +329,7 @@ impl Store for EmbeddedKv {
     async fn session(&self, generation: &GenRef, partition: u32) -> StoreResult<Box<dyn Session>> {
         Ok(Box::new(RedbSession {
             db: self.db.clone(),
+            durable: self.durable.clone(),
             gid: gen_id(generation),
             partition,
         }))
@@ -443,6 +471,7 @@ impl KvStore for EmbeddedKv {
 
 struct RedbSession {
     db: Arc<Database>,
+    durable: Arc<Mutex<Instant>>,
     gid: String,
     partition: u32,
 }
@@ -505,8 +534,18 @@ impl Session for RedbSession {
         _schema: &Schema,
     ) -> StoreResult<Commit> {
         let (gid, p, fx) = (self.gid.clone(), self.partition, effects.clone());
+        let durable = self.durable.clone();
         blocking(self.db.clone(), move |db| {
-            let txn = db.begin_write()?;
+            let mut txn = db.begin_write()?;
+            // Write transactions are serial: the one that finds the last durable
+            // commit old enough is made durable (and makes those before it so).
+            let mut last = durable.lock().unwrap_or_else(|e| e.into_inner());
+            if last.elapsed() >= DURABLE_EVERY {
+                *last = Instant::now();
+            } else {
+                txn.set_durability(Durability::None)?;
+            }
+            drop(last);
             let found = txn
                 .open_table(CKPT)?
                 .get((gid.as_str(), p))?
