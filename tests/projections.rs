@@ -144,21 +144,6 @@ async fn a_busy_document_worker_gathers_appends_into_one_commit_and_an_idle_one_
         ..Default::default()
     });
     let (r, api) = start(&config).await;
-    let append = |body: Value| {
-        let api = &api;
-        async move {
-            let (st, b) = api
-                .send(
-                    "POST",
-                    "/streams/post-p1/events",
-                    "application/json",
-                    body.to_string(),
-                )
-                .await;
-            assert_eq!(st, 201, "{b}");
-            b["position"].as_str().unwrap().to_owned()
-        }
-    };
     let read = |token: String| {
         let api = &api;
         async move {
@@ -170,18 +155,17 @@ async fn a_busy_document_worker_gathers_appends_into_one_commit_and_an_idle_one_
         }
     };
     // Idle: the first event is committed at once, not after the interval.
-    let token = append(json!({"type": "PostPublished", "data": {"post_id": "p1",
-        "tribe_id": "t1", "author_id": "u1", "title": "t", "body": "b"}}))
-    .await;
+    let published = json!({"type": "PostPublished", "data": {"post_id": "p1",
+        "tribe_id": "t1", "author_id": "u1", "title": "t", "body": "b"}});
+    let token = api.append("post-p1", &published).await;
     assert_eq!(read(token).await["tribe_id"], "t1");
     assert_eq!(status(&api, "posts").await["commits"], 1);
     // Busy: 20 likes, one request each, fold as two full batches.
     let mut token = String::new();
     for i in 0..20 {
-        token = append(
-            json!({"type": "PostLiked", "data": {"post_id": "p1", "user_id": format!("u{i}")}}),
-        )
-        .await;
+        let like =
+            json!({"type": "PostLiked", "data": {"post_id": "p1", "user_id": format!("u{i}")}});
+        token = api.append("post-p1", &like).await;
     }
     assert_eq!(read(token).await["likes"], 20);
     let s = status(&api, "posts").await;
@@ -235,17 +219,8 @@ async fn a_query_with_an_append_token_sees_that_append() {
     let mut oracle = Oracle::new();
     oracle.apply_demo(&events, PARTITIONS);
     ingest(&api, &events).await;
-    let body = json!({"type": "PostLiked", "data": {"post_id": "p1", "user_id": "ryw"}});
-    let (st, b) = api
-        .send(
-            "POST",
-            "/streams/post-p1/events",
-            "application/json",
-            body.to_string(),
-        )
-        .await;
-    assert_eq!(st, 201, "{b}");
-    let token = b["position"].as_str().unwrap();
+    let like = json!({"type": "PostLiked", "data": {"post_id": "p1", "user_id": "ryw"}});
+    let token = api.append("post-p1", &like).await;
     let lag = status(&api, "post_stats").await["lag"].as_u64().unwrap();
     assert!(
         lag > 0,
@@ -430,17 +405,9 @@ async fn poison_events_become_dead_letters_and_the_projection_carries_on() {
     let (r, api) = start(&config).await;
     let mut pos = Position::default();
     for by in [json!(1), json!("lots"), json!(2)] {
-        let body = json!({"type": "Scored", "data": {"k": "a", "by": by}});
-        let (st, b) = api
-            .send(
-                "POST",
-                "/streams/game-1/events",
-                "application/json",
-                body.to_string(),
-            )
-            .await;
-        assert_eq!(st, 201, "{b}");
-        pos.merge(&b["position"].as_str().unwrap().parse().unwrap());
+        let scored = json!({"type": "Scored", "data": {"k": "a", "by": by}});
+        let token = api.append("game-1", &scored).await;
+        pos.merge(&token.parse().unwrap());
     }
     let (st, v) = api.get(&format!("/views/scores/a?after={pos}")).await;
     assert_eq!((st, &v["points"]), (200, &json!(3)), "{v}");

@@ -45,6 +45,17 @@ impl Api {
         }
     }
 
+    /// Appends one event to `stream`, which must be accepted (201); its position
+    /// token.
+    pub async fn append(&self, stream: &str, event: &Value) -> String {
+        let uri = format!("/streams/{stream}/events");
+        let (st, b) = self
+            .send("POST", &uri, "application/json", event.to_string())
+            .await;
+        assert_eq!(st, 201, "{uri}: {b}");
+        b["position"].as_str().unwrap().to_owned()
+    }
+
     pub async fn get(&self, uri: &str) -> (u16, Value) {
         self.without_body("GET", uri).await
     }
