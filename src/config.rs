@@ -319,6 +319,48 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// Every setting is in the README's configuration table with its environment
+    /// variable and the default its `--help` states (`—` when there is none).
+    #[test]
+    fn the_readme_lists_every_setting_with_its_variable_and_default() {
+        #[derive(clap::Parser)]
+        struct Probe {
+            #[command(flatten)]
+            s: Settings,
+        }
+        let readme = include_str!("../README.md");
+        let rows: Vec<Vec<String>> = readme
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| {
+                l.split(" | ")
+                    .map(|c| c.trim_matches(['|', ' ']).replace('`', ""))
+                    .collect()
+            })
+            .collect();
+        let mut checked = 0;
+        for arg in Probe::command().get_arguments() {
+            let Some(env) = arg.get_env() else { continue };
+            let key = arg.get_id().as_str();
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let default = help
+                .split_once("[default: ")
+                .and_then(|(_, rest)| rest.split_once(']'))
+                .map_or("—".to_owned(), |(d, _)| d.to_owned());
+            let row = rows
+                .iter()
+                .find(|r| r[0] == key)
+                .unwrap_or_else(|| panic!("README: no row for setting `{key}`"));
+            assert_eq!(row[1], env.to_string_lossy(), "README: variable of `{key}`");
+            assert_eq!(
+                row[2], default,
+                "README: default of `{key}` (--help says {default})"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 20, "only {checked} settings found");
+    }
+
     #[test]
     fn sizes_parse() {
         assert_eq!("1MiB".parse::<ByteSize>().unwrap().0, 1 << 20);
