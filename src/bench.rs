@@ -120,9 +120,10 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
         None => {
             pb.set_message("raw: redb transactions");
             let dir = config.data_dir.join("bench-raw-redb");
-            let r = tokio::task::spawn_blocking(move || raw_redb(&dir, n)).await??;
+            let batch = config.projection_batch;
+            let r = tokio::task::spawn_blocking(move || raw_redb(&dir, n, batch)).await??;
             figures.push(raw(
-                &format!("raw: redb increments (transactions of {BATCH}, fsync each)"),
+                &format!("raw: redb increments (transactions of {batch}, fsync each)"),
                 r,
                 "writes/s",
             ));
@@ -144,9 +145,10 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
         None => {
             pb.set_message("raw: tantivy commits");
             let dir = config.data_dir.join("bench-raw-tantivy");
-            let r = tokio::task::spawn_blocking(move || raw_tantivy(&dir, n)).await??;
+            let batch = config.projection_batch;
+            let r = tokio::task::spawn_blocking(move || raw_tantivy(&dir, n, batch)).await??;
             figures.push(raw(
-                &format!("raw: tantivy documents (commits of {BATCH}, reader reloaded)"),
+                &format!("raw: tantivy documents (commits of {batch}, reader reloaded)"),
                 r,
                 "docs/s",
             ));
@@ -667,9 +669,9 @@ async fn raw_redis(url: &str, prefix: &str, n: usize) -> anyhow::Result<f64> {
 }
 
 /// `n` increments of a counter record (one of 10,000 keys; read, add, write) in
-/// redb write transactions of [`BATCH`], each durable: writes/s. The embedded
-/// key-value store's limit.
-fn raw_redb(dir: &std::path::Path, n: usize) -> anyhow::Result<f64> {
+/// redb write transactions of `batch` (refold's projection batch), each durable:
+/// writes/s. The embedded key-value store's limit.
+fn raw_redb(dir: &std::path::Path, n: usize, batch: usize) -> anyhow::Result<f64> {
     use redb::{ReadableTable, TableDefinition};
     const T: TableDefinition<&str, u64> = TableDefinition::new("counters");
     std::fs::create_dir_all(dir)?;
@@ -680,14 +682,14 @@ fn raw_redb(dir: &std::path::Path, n: usize) -> anyhow::Result<f64> {
         let txn = db.begin_write()?;
         {
             let mut t = txn.open_table(T)?;
-            for i in done..(done + BATCH).min(n) {
+            for i in done..(done + batch).min(n) {
                 let key = format!("bench:{}", i % 10_000);
                 let v = t.get(key.as_str())?.map_or(0, |v| v.value());
                 t.insert(key.as_str(), v + 1)?;
             }
         }
         txn.commit()?;
-        done = (done + BATCH).min(n);
+        done = (done + batch).min(n);
     }
     let r = rate(n, started);
     drop(db);
@@ -696,10 +698,10 @@ fn raw_redb(dir: &std::path::Path, n: usize) -> anyhow::Result<f64> {
 }
 
 /// `n` small documents (the `posts` mapping's kinds of fields) added to a
-/// tantivy index in commits of [`BATCH`], the reader reloaded after each, with
-/// the writer refold uses (one thread, 15 MB): docs/s. The embedded document
-/// store's limit.
-fn raw_tantivy(dir: &std::path::Path, n: usize) -> anyhow::Result<f64> {
+/// tantivy index in commits of `batch` (refold's projection batch), the reader
+/// reloaded after each, with the writer refold uses (one thread, 15 MB): docs/s.
+/// The embedded document store's limit.
+fn raw_tantivy(dir: &std::path::Path, n: usize, batch: usize) -> anyhow::Result<f64> {
     use tantivy::schema::{FAST, INDEXED, STORED, STRING, TEXT};
     let mut b = tantivy::schema::Schema::builder();
     let key = b.add_text_field("key", STRING | STORED | FAST);
@@ -717,7 +719,7 @@ fn raw_tantivy(dir: &std::path::Path, n: usize) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut done = 0;
     while done < n {
-        for i in done..(done + BATCH).min(n) {
+        for i in done..(done + batch).min(n) {
             let mut doc = tantivy::TantivyDocument::new();
             doc.add_text(key, format!("p{i}"));
             doc.add_text(title, format!("post {i}"));
@@ -735,7 +737,7 @@ fn raw_tantivy(dir: &std::path::Path, n: usize) -> anyhow::Result<f64> {
         }
         writer.commit()?;
         reader.reload()?;
-        done = (done + BATCH).min(n);
+        done = (done + batch).min(n);
     }
     let r = rate(n, started);
     drop(writer);
