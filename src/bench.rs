@@ -109,9 +109,10 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
     let kv_write = match &config.redis_url {
         Some(url) => {
             pb.set_message("raw: Redis pipeline");
-            let r = raw_redis(url, &config.topic_prefix, n).await?;
+            let batch = config.projection_batch;
+            let r = raw_redis(url, &config.topic_prefix, n, batch).await?;
             figures.push(raw(
-                &format!("raw: Redis pipelined HINCRBY (pipelines of {BATCH})"),
+                &format!("raw: Redis pipelined HINCRBY (pipelines of {batch})"),
                 r,
                 "writes/s",
             ));
@@ -134,9 +135,10 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
     let doc_write = match &config.elasticsearch_url {
         Some(url) => {
             pb.set_message("raw: Elasticsearch _bulk");
-            let r = raw_bulk(url, &config.topic_prefix, n).await?;
+            let batch = config.projection_batch;
+            let r = raw_bulk(url, &config.topic_prefix, n, batch).await?;
             figures.push(raw(
-                &format!("raw: Elasticsearch _bulk ({BATCH} docs, refresh)"),
+                &format!("raw: Elasticsearch _bulk ({batch} docs, refresh)"),
                 r,
                 "docs/s",
             ));
@@ -625,15 +627,16 @@ async fn bare_kafka(
     Ok((produced, consumed))
 }
 
-/// `n` HINCRBY in pipelines of [`BATCH`] on 10,000 keys: writes/s.
-async fn raw_redis(url: &str, prefix: &str, n: usize) -> anyhow::Result<f64> {
+/// `n` HINCRBY in pipelines of `batch` (refold's projection batch) on 10,000
+/// keys: writes/s.
+async fn raw_redis(url: &str, prefix: &str, n: usize, batch: usize) -> anyhow::Result<f64> {
     let client = redis::Client::open(url)?;
     let mut con = client.get_multiplexed_async_connection().await?;
     let started = Instant::now();
     let mut done = 0;
     while done < n {
         let mut pipe = redis::pipe();
-        for i in done..(done + BATCH).min(n) {
+        for i in done..(done + batch).min(n) {
             pipe.cmd("HINCRBY")
                 .arg(format!("{prefix}bench:{}", i % 10_000))
                 .arg("likes")
@@ -641,7 +644,7 @@ async fn raw_redis(url: &str, prefix: &str, n: usize) -> anyhow::Result<f64> {
                 .ignore();
         }
         pipe.query_async::<()>(&mut con).await?;
-        done = (done + BATCH).min(n);
+        done = (done + batch).min(n);
     }
     let r = rate(n, started);
     let mut cursor = 0u64;
@@ -745,9 +748,10 @@ fn raw_tantivy(dir: &std::path::Path, n: usize, batch: usize) -> anyhow::Result<
     Ok(r)
 }
 
-/// `n` small documents indexed with `_bulk` in requests of [`BATCH`], each
+/// `n` small documents indexed with `_bulk` in requests of `batch` (refold's
+/// projection batch), each
 /// refreshed as refold's are: docs/s.
-async fn raw_bulk(url: &str, prefix: &str, n: usize) -> anyhow::Result<f64> {
+async fn raw_bulk(url: &str, prefix: &str, n: usize, batch: usize) -> anyhow::Result<f64> {
     let http = reqwest::Client::new();
     let index = format!("{}bench-raw", prefix.to_lowercase());
     let base = url.trim_end_matches('/');
@@ -755,7 +759,7 @@ async fn raw_bulk(url: &str, prefix: &str, n: usize) -> anyhow::Result<f64> {
     let mut done = 0;
     while done < n {
         let mut body = String::new();
-        for i in done..(done + BATCH).min(n) {
+        for i in done..(done + batch).min(n) {
             body.push_str(&format!("{{\"index\":{{\"_id\":\"p{i}\"}}}}\n"));
             body.push_str(&format!(
                 "{{\"title\":\"post {i}\",\"tribe_id\":\"t{}\",\"likes\":{}}}\n",
@@ -772,7 +776,7 @@ async fn raw_bulk(url: &str, prefix: &str, n: usize) -> anyhow::Result<f64> {
         if !r.status().is_success() {
             bail!("_bulk to {index} answered {}", r.status());
         }
-        done = (done + BATCH).min(n);
+        done = (done + batch).min(n);
     }
     let r = rate(n, started);
     let _ = http.delete(format!("{base}/{index}")).send().await;
