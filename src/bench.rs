@@ -1,13 +1,15 @@
 //! `refold bench`: refold's figures beside the raw limits of the parts it is made
 //! of, measured in one run on the same machine and backends.
 //!
-//! Raw limits use the parts directly, with refold's settings and record sizes:
-//! the embedded log's append, a bare rdkafka producer and consumer, pipelined
-//! Redis writes, Elasticsearch `_bulk`. refold's figures go through its HTTP API,
-//! served in this process on the configured backends: ingest (bulk and
-//! single-event requests), append latency at a fixed offered rate, end-to-end
-//! visibility (append to visible in a read model), replay per store, peak memory.
-//! Each refold figure is shown with the limit that bounds it and the ratio.
+//! Raw limits use the parts directly, with refold's settings, record sizes, keys
+//! and batch sizes: the log's append and read, a bare rdkafka producer and
+//! consumer, pipelined Redis writes or redb transactions, Elasticsearch `_bulk` or
+//! tantivy commits. refold's figures go through its HTTP API, served in this
+//! process on the configured backends: first the write path alone (ingest in bulk
+//! and single-event requests, append latency at a fixed offered rate), then with
+//! the demo projections folding (ingest, latency, end-to-end visibility, replay
+//! per store with its memory, a hot key). Each refold figure is shown with the
+//! limit that bounds it and the ratio.
 //!
 //! Everything runs under a fresh data directory and a topic prefix of its own, so
 //! a bench never touches a deployment's data.
@@ -106,57 +108,43 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
         LogBackend::Kafka => ("bare rdkafka producer", "bare rdkafka consumer"),
     };
     pb.inc(1);
-    let kv_write = match &config.redis_url {
-        Some(url) => {
-            pb.set_message("raw: Redis pipeline");
-            let batch = config.projection_batch;
-            let r = raw_redis(url, &config.topic_prefix, n, batch).await?;
-            figures.push(raw(
-                &format!("raw: Redis pipelined HINCRBY (pipelines of {batch})"),
-                r,
-                "writes/s",
-            ));
-            Some(("Redis pipeline".to_owned(), r))
-        }
+    // The stores' raw writes, in refold's batch size.
+    let batch = config.projection_batch;
+    pb.set_message("raw: key-value store writes");
+    let (kv_name, kv_what, kv_rate) = match &config.redis_url {
+        Some(url) => (
+            "Redis pipeline",
+            format!("raw: Redis pipelined HINCRBY (pipelines of {batch})"),
+            raw_redis(url, &config.topic_prefix, n, batch).await?,
+        ),
         None => {
-            pb.set_message("raw: redb transactions");
             let dir = config.data_dir.join("bench-raw-redb");
-            let batch = config.projection_batch;
-            let r = tokio::task::spawn_blocking(move || raw_redb(&dir, n, batch)).await??;
-            figures.push(raw(
-                &format!("raw: redb increments (transactions of {batch}, fsync each)"),
-                r,
-                "writes/s",
-            ));
-            Some(("redb transactions".to_owned(), r))
+            (
+                "redb transactions",
+                format!("raw: redb increments (transactions of {batch}, fsync each)"),
+                tokio::task::spawn_blocking(move || raw_redb(&dir, n, batch)).await??,
+            )
         }
     };
+    figures.push(raw(&kv_what, kv_rate, "writes/s"));
     pb.inc(1);
-    let doc_write = match &config.elasticsearch_url {
-        Some(url) => {
-            pb.set_message("raw: Elasticsearch _bulk");
-            let batch = config.projection_batch;
-            let r = raw_bulk(url, &config.topic_prefix, n, batch).await?;
-            figures.push(raw(
-                &format!("raw: Elasticsearch _bulk ({batch} docs, refresh)"),
-                r,
-                "docs/s",
-            ));
-            Some(("Elasticsearch _bulk".to_owned(), r))
-        }
+    pb.set_message("raw: document store writes");
+    let (doc_name, doc_what, doc_rate) = match &config.elasticsearch_url {
+        Some(url) => (
+            "Elasticsearch _bulk",
+            format!("raw: Elasticsearch _bulk ({batch} docs, refresh)"),
+            raw_bulk(url, &config.topic_prefix, n, batch).await?,
+        ),
         None => {
-            pb.set_message("raw: tantivy commits");
             let dir = config.data_dir.join("bench-raw-tantivy");
-            let batch = config.projection_batch;
-            let r = tokio::task::spawn_blocking(move || raw_tantivy(&dir, n, batch)).await??;
-            figures.push(raw(
-                &format!("raw: tantivy documents (commits of {batch}, reader reloaded)"),
-                r,
-                "docs/s",
-            ));
-            Some(("tantivy commits".to_owned(), r))
+            (
+                "tantivy commits",
+                format!("raw: tantivy documents (commits of {batch}, reader reloaded)"),
+                tokio::task::spawn_blocking(move || raw_tantivy(&dir, n, batch)).await??,
+            )
         }
     };
+    figures.push(raw(&doc_what, doc_rate, "docs/s"));
     pb.inc(1);
 
     // refold, served here on the same backends. First the write path alone (no
@@ -197,18 +185,8 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
     let (http, base) = (served.http.clone(), served.base.clone());
     // The read-side figures need the demo projections; without them (an empty
     // --projections directory) the bench measures ingest alone.
-    let projected = http
-        .get(format!("{base}/projections/post_stats"))
-        .send()
-        .await?
-        .status()
-        .is_success()
-        && http
-            .get(format!("{base}/projections/posts"))
-            .send()
-            .await?
-            .status()
-            .is_success();
+    let projected = status(&http, &base, "post_stats").await?.is_some()
+        && status(&http, &base, "posts").await?.is_some();
     if !projected {
         pb.inc(7);
         figures.push(raw(
@@ -257,41 +235,36 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
     pb.set_message("refold: replays");
     caught_up(&http, &base).await?;
     let total = log_events(&*log, config).await?;
-    for (projection, store) in [
-        ("post_stats", kv_write.clone()),
-        ("posts", doc_write.clone()),
+    for (projection, store, write) in [
+        ("post_stats", kv_name, kv_rate),
+        ("posts", doc_name, doc_rate),
     ] {
         // Peak memory from here on: the replay's, apart from what the bench
         // client and the earlier measurements needed.
         let before = reset_peak_rss();
-        let anon_before = mib(proc_memory("self", "RssAnon"));
+        let anon_before = proc_memory("self", "RssAnon").map(mib);
         // Anonymous memory (heap) sampled while the replay runs: file pages
         // (mapped index segments, cached by the kernel) are not the service's.
-        let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let sampler = {
-            let sampling = sampling.clone();
-            tokio::spawn(async move {
-                let mut peak = 0u64;
-                while sampling.load(std::sync::atomic::Ordering::Relaxed) {
-                    peak = peak.max(proc_memory("self", "RssAnon").unwrap_or(0));
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                peak
-            })
+        let mut anon_peak = 0u64;
+        let replayed = replay(&http, &base, projection);
+        tokio::pin!(replayed);
+        let secs = loop {
+            anon_peak = anon_peak.max(proc_memory("self", "RssAnon").unwrap_or(0));
+            tokio::select! {
+                secs = &mut replayed => break secs?,
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
         };
-        let secs = replay(&http, &base, projection).await;
-        sampling.store(false, std::sync::atomic::Ordering::Relaxed);
-        let anon_peak = sampler.await?;
-        let secs = secs?;
-        let bound = match store {
-            Some((name, w)) if w < read => Some((format!("raw: {name}"), w)),
-            _ => Some((format!("raw: {read_name}"), read)),
+        let bound = if write < read {
+            (format!("raw: {store}"), write)
+        } else {
+            (format!("raw: {read_name}"), read)
         };
         figures.push(Figure {
             what: format!("refold: replay of {projection} ({total} events)"),
             value: total as f64 / secs,
             unit: "events/s",
-            limit: bound,
+            limit: Some(bound),
         });
         figures.push(peak_rss(&format!(
             "refold: peak RSS during the replay of {projection} ({total} events; {} MiB before it)",
@@ -302,7 +275,7 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
                 "refold: peak anonymous RSS (heap) during the replay of {projection} ({} MiB before it)",
                 anon_before.map_or("-".into(), human)
             ),
-            value: mib(Some(anon_peak)).unwrap_or(f64::NAN),
+            value: mib(anon_peak),
             unit: "MiB",
             limit: None,
         });
@@ -310,21 +283,13 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
     }
     pb.set_message("refold: hot key");
     let hot = n / 2;
-    let commits = |http: reqwest::Client| {
-        let base = base.clone();
-        async move {
-            let b: Value = http
-                .get(format!("{base}/projections/post_stats"))
-                .send()
-                .await?
-                .json()
-                .await?;
-            Ok::<_, anyhow::Error>(b["commits"].as_u64().unwrap_or(0))
-        }
+    let commits = || async {
+        let s = status(&http, &base, "post_stats").await?;
+        Ok::<_, anyhow::Error>(s.and_then(|s| s["commits"].as_u64()).unwrap_or(0))
     };
-    let before = commits(http.clone()).await?;
+    let before = commits().await?;
     let secs = hot_key(&http, &base, hot).await?;
-    let writes = commits(http.clone()).await? - before;
+    let writes = commits().await? - before;
     figures.push(Figure {
         what: format!(
             "refold: hot key ({hot} events, 90% of likes and views on post p1), ingest until folded into post_stats"
@@ -1029,18 +994,26 @@ async fn log_events(log: &dyn EventLog, config: &Config) -> anyhow::Result<u64> 
         .sum())
 }
 
+/// `GET /projections/{name}`: the status, `None` when there is no such projection.
+async fn status(http: &reqwest::Client, base: &str, name: &str) -> anyhow::Result<Option<Value>> {
+    let r = http
+        .get(format!("{base}/projections/{name}"))
+        .send()
+        .await?;
+    if r.status() == 404 {
+        return Ok(None);
+    }
+    Ok(Some(r.error_for_status()?.json().await?))
+}
+
 /// Starts a replay of `projection` and waits for the switch: seconds taken.
 async fn replay(http: &reqwest::Client, base: &str, projection: &str) -> anyhow::Result<f64> {
-    let status = |http: reqwest::Client| async move {
-        let b: Value = http
-            .get(format!("{base}/projections/{projection}"))
-            .send()
+    let current = || async {
+        status(http, base, projection)
             .await?
-            .json()
-            .await?;
-        Ok::<_, anyhow::Error>(b)
+            .ok_or_else(|| anyhow!("no projection {projection}"))
     };
-    let before = status(http.clone()).await?["generation"]
+    let before = current().await?["generation"]
         .as_u64()
         .ok_or_else(|| anyhow!("{projection} has no live generation"))?;
     let started = Instant::now();
@@ -1052,7 +1025,7 @@ async fn replay(http: &reqwest::Client, base: &str, projection: &str) -> anyhow:
         bail!("replay of {projection} answered {}", r.status());
     }
     loop {
-        let s = status(http.clone()).await?;
+        let s = current().await?;
         if s["generation"].as_u64() > Some(before) {
             return Ok(started.elapsed().as_secs_f64());
         }
@@ -1063,15 +1036,15 @@ async fn replay(http: &reqwest::Client, base: &str, projection: &str) -> anyhow:
     }
 }
 
-fn mib(bytes: Option<u64>) -> Option<f64> {
-    bytes.map(|b| b as f64 / (1 << 20) as f64)
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1 << 20) as f64
 }
 
 /// This process's peak resident memory (Linux), as a figure.
 fn peak_rss(what: &str) -> Figure {
     Figure {
         what: what.into(),
-        value: proc_memory("self", "VmHWM").map_or(f64::NAN, |b| b as f64 / (1 << 20) as f64),
+        value: proc_memory("self", "VmHWM").map_or(f64::NAN, mib),
         unit: "MiB",
         limit: None,
     }
@@ -1090,7 +1063,7 @@ fn reset_peak_rss() -> Option<f64> {
         unsafe { malloc_trim(0) };
     }
     std::fs::write("/proc/self/clear_refs", "5").ok()?;
-    Some(proc_memory("self", "VmRSS")? as f64 / (1 << 20) as f64)
+    proc_memory("self", "VmRSS").map(mib)
 }
 
 /// A memory figure (`VmHWM`, `VmRSS`, ...) of `/proc/{pid}/status`, in bytes;

@@ -60,9 +60,13 @@ Measure refold against the raw limits of the parts it is made of, in one run on
 this machine and the backends the flags select (the embedded ones by default;
 --log kafka --kafka-brokers, --redis-url and --elasticsearch-url for real ones):
 
-  raw     log append and read, Redis pipelined writes, Elasticsearch _bulk
-  refold  HTTP ingest (bulk and single-event requests), append latency at
-          1,000 requests/s, append-to-visible latency, replay per store, peak RSS
+  raw     log append and read (and a bare rdkafka producer and consumer on
+          Kafka), key-value store writes (Redis pipelines or redb), document
+          store writes (Elasticsearch _bulk or tantivy)
+  refold  the write path alone: HTTP ingest (bulk and single-event requests),
+          append latency at 1,000 requests/s; then with the demo projections
+          folding beside it: bulk ingest, append latency, append-to-visible
+          latency, replay per store with the memory it takes, a hot key
 
 Each refold figure is shown with the raw limit that bounds it and the ratio.
 refold runs inside this process, under a fresh temporary data directory and a

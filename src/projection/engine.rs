@@ -205,7 +205,8 @@ impl Generation {
         }
     }
 
-    fn record(&self, n: u64) {
+    /// A batch of `n` records committed.
+    fn committed(&self, n: u64) {
         self.commits.fetch_add(1, Ordering::Relaxed);
         let total = self.records.fetch_add(n, Ordering::Relaxed) + n;
         self.rate.lock().unwrap().record(total);
@@ -343,7 +344,7 @@ async fn run_partition(
                 next = commit_to;
                 checked = Instant::now();
                 g.applied.send_modify(|a| a[partition as usize] = next);
-                g.record(count);
+                g.committed(count);
                 for dl in &fx.dead_letters {
                     warn!(projection = %g.id, partition, offset = dl.offset, reason = %dl.reason, "dead letter");
                 }
