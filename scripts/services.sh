@@ -10,6 +10,7 @@
 SERVICES_DIR="${REFOLD_SERVICES_DIR:-$(pwd)/target/services}"
 TANSU_VERSION="${TANSU_VERSION:-0.6.0}"
 OSMEM_VERSION="${OSMEM_VERSION:-0.1.6}"
+SCHEMATHESIS_VERSION="${SCHEMATHESIS_VERSION:-4.32.5}"
 STARTED_PIDS=()
 
 say() { printf '[services] %s\n' "$*" >&2; }
@@ -94,8 +95,22 @@ start_osmem() {
   wait_port 9200 osmem 30 && say "osmem-server listening on 127.0.0.1:9200"
 }
 
+# schemathesis (PyPI) fuzzes the running API against GET /openapi.json in
+# tests/operations.rs; `schemathesis_bin` prints its `st` command.
+schemathesis_bin() {
+  python3 -c 'import sysconfig; print(sysconfig.get_path("scripts") + "/st")'
+}
+
+ensure_schemathesis() {
+  local st
+  st="$(schemathesis_bin)"
+  if [ -x "$st" ] && "$st" --version 2>/dev/null | grep -q " $SCHEMATHESIS_VERSION\$"; then return 0; fi
+  say "installing schemathesis $SCHEMATHESIS_VERSION from PyPI"
+  python3 -m pip install -q "schemathesis==$SCHEMATHESIS_VERSION" >&2
+}
+
 start_services() {
-  start_tansu && start_redis && start_osmem
+  start_tansu && start_redis && start_osmem && ensure_schemathesis
 }
 
 stop_services() {

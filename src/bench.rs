@@ -524,7 +524,10 @@ async fn bare_kafka(
     use rdkafka::producer::FutureRecord;
     let log = crate::log::kafka::KafkaLog::new(brokers, Duration::from_secs(30))?;
     log.create_topic(&raw_topic(topic)).await?;
-    let producer = crate::log::kafka::new_producer(brokers, Duration::from_secs(30))?;
+    let producer = crate::log::kafka::new_producer(
+        &crate::log::kafka::base_config(brokers, &[]),
+        Duration::from_secs(30),
+    )?;
     let value = vec![b'x'; RECORD_BYTES];
     let mut per_partition = [0usize; 3];
     let started = Instant::now();
@@ -560,8 +563,11 @@ async fn bare_kafka(
             .map(|p| {
                 let (brokers, topic) = (brokers.clone(), topic.clone());
                 std::thread::spawn(move || {
-                    let consumer: BaseConsumer =
-                        crate::log::kafka::reader_config(&brokers, fetch_wait).create()?;
+                    let consumer: BaseConsumer = crate::log::kafka::reader_config(
+                        &crate::log::kafka::base_config(&brokers, &[]),
+                        fetch_wait,
+                    )
+                    .create()?;
                     let mut tpl = rdkafka::TopicPartitionList::new();
                     tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning)?;
                     consumer.assign(&tpl)?;

@@ -136,6 +136,21 @@ pub struct Remote {
         value_name = "URL"
     )]
     pub url: String,
+    /// API key to present, when the server has `api_keys` (status needs the
+    /// read scope, replay admin and read, demo append)
+    #[arg(
+        long,
+        env = "REFOLD_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<crate::config::Secret>,
+}
+
+impl Remote {
+    pub fn api(&self) -> anyhow::Result<Api> {
+        Api::new(&self.url)?.with_key(self.api_key.clone())
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -207,10 +222,11 @@ pub fn main() -> ExitCode {
 
 /// Layers file, environment and flags into a validated [`Config`].
 pub fn load_config(file: Option<&Path>, flags_and_env: Settings) -> anyhow::Result<Config> {
-    // REFOLD_URL belongs to the client commands; `serve` must not refuse it.
+    // REFOLD_URL and REFOLD_API_KEY belong to the client commands; `serve` must
+    // not refuse them.
     check_env(
         std::env::vars().map(|(k, _)| k),
-        &["REFOLD_CONFIG", "REFOLD_URL"],
+        &["REFOLD_CONFIG", "REFOLD_URL", "REFOLD_API_KEY"],
     )?;
     let default = Path::new("refold.toml");
     let file = match file {
@@ -542,7 +558,7 @@ fn status_table(projections: &[ProjectionStatus]) -> String {
 
 /// `refold status`
 async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let api = Api::new(&args.remote.url)?;
+    let api = args.remote.api()?;
     let reply = api.get(&["projections"]).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&reply.body)?);
@@ -568,7 +584,7 @@ const POLL_FAILURES: u32 = 25;
 /// `refold replay NAME`
 async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let name = args.name.as_str();
-    let api = Api::new(&args.remote.url)?;
+    let api = args.remote.api()?;
     let path = ["projections", name, "replay"];
     let reply = api.post(&path, None).await.map_err(replay_error)?;
     let started: ReplayStatus = api.parse(
@@ -789,7 +805,7 @@ async fn send_batch(api: &Api, body: Vec<u8>, pb: &ProgressBar) -> Result<Value,
 
 /// `refold demo`
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    let api = Api::new(&args.remote.url)?;
+    let api = args.remote.api()?;
     let mut generator = Generator::new(DemoConfig {
         seed: args.seed,
         users: args.users as usize,

@@ -22,6 +22,8 @@ pub struct Api {
     /// The URL as the user gave it, for messages.
     shown: String,
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer KEY` when set.
+    key: Option<crate::config::Secret>,
 }
 
 /// A 2xx answer with its JSON body.
@@ -188,7 +190,20 @@ impl Api {
             base,
             shown: full.trim_end_matches('/').to_string(),
             http,
+            key: None,
         })
+    }
+
+    /// Presents `key` (an API key of the server's `api_keys`) on every request.
+    pub fn with_key(mut self, key: Option<crate::config::Secret>) -> anyhow::Result<Self> {
+        if key
+            .as_ref()
+            .is_some_and(|k| !k.0.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            bail!("--api-key: keys are printable ASCII without spaces");
+        }
+        self.key = key;
+        Ok(self)
     }
 
     /// The URL of `segments` under the base (each segment percent-encoded).
@@ -234,6 +249,12 @@ impl Api {
     ) -> Result<Reply, ApiError> {
         let url = self.url(segments).to_string();
         let mut req = self.http.request(method.clone(), &url);
+        if let Some(key) = &self.key {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.0))
+                .expect("checked in Api::with_key");
+            value.set_sensitive(true);
+            req = req.header(reqwest::header::AUTHORIZATION, value);
+        }
         if let Some((content_type, bytes)) = body {
             req = req.header(CONTENT_TYPE, content_type).body(bytes);
         }

@@ -15,6 +15,8 @@ use anyhow::{Context, bail};
 use clap::{Args, CommandFactory, ValueEnum};
 use serde::Deserialize;
 
+use crate::auth::ApiKeys;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogBackend {
@@ -68,6 +70,25 @@ impl<'de> Deserialize<'de> for ByteSize {
             Raw::N(n) => Ok(ByteSize(n)),
             Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
         }
+    }
+}
+
+/// A setting that must not reach a log: `Debug` shows `***`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
     }
 }
 
@@ -144,6 +165,47 @@ pub struct Settings {
     /// GET /streams/{stream}/events [default: true]
     #[arg(long, env = "REFOLD_STREAM_HISTORY", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub stream_history: Option<bool>,
+    /// librdkafka properties for every Kafka client, `key=value` pairs separated
+    /// by `;` (TLS, SASL: `security.protocol=SASL_SSL;sasl.mechanism=SCRAM-SHA-512;…`)
+    #[arg(
+        long,
+        env = "REFOLD_KAFKA_PROPERTIES",
+        value_name = "LIST",
+        hide_env_values = true
+    )]
+    pub kafka_properties: Option<Secret>,
+    /// User name for Elasticsearch basic authentication
+    #[arg(long, env = "REFOLD_ELASTICSEARCH_USERNAME", value_name = "NAME")]
+    pub elasticsearch_username: Option<String>,
+    /// Password for Elasticsearch basic authentication
+    #[arg(
+        long,
+        env = "REFOLD_ELASTICSEARCH_PASSWORD",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub elasticsearch_password: Option<Secret>,
+    /// Elasticsearch API key (the base64 `encoded` form Elasticsearch returns)
+    #[arg(
+        long,
+        env = "REFOLD_ELASTICSEARCH_API_KEY",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub elasticsearch_api_key: Option<Secret>,
+    /// PEM file of the CA that signed Elasticsearch's certificate (https:// URLs);
+    /// absent: the system's trusted CAs
+    #[arg(long, env = "REFOLD_ELASTICSEARCH_CA_CERT", value_name = "FILE")]
+    pub elasticsearch_ca_cert: Option<PathBuf>,
+    /// API keys as `SCOPES:KEY` entries separated by `;`, scopes from append,
+    /// read, admin (`append,read:KEY1;admin:KEY2`); unset: the API is open
+    #[arg(
+        long,
+        env = "REFOLD_API_KEYS",
+        value_name = "LIST",
+        hide_env_values = true
+    )]
+    pub api_keys: Option<Secret>,
 }
 
 macro_rules! layer {
@@ -176,7 +238,13 @@ impl Settings {
             snapshot_every,
             projection_batch,
             document_commit_interval_ms,
-            stream_history
+            stream_history,
+            kafka_properties,
+            elasticsearch_username,
+            elasticsearch_password,
+            elasticsearch_api_key,
+            elasticsearch_ca_cert,
+            api_keys
         )
     }
 
@@ -248,6 +316,56 @@ pub struct Config {
     pub projection_batch: usize,
     pub document_commit_interval: Duration,
     pub stream_history: bool,
+    /// librdkafka properties of every Kafka client (secrets among them).
+    pub kafka_properties: Vec<(String, Secret)>,
+    pub elasticsearch_auth: EsAuth,
+    pub api_keys: std::sync::Arc<ApiKeys>,
+}
+
+/// How refold authenticates to Elasticsearch and checks its certificate.
+#[derive(Debug, Clone, Default)]
+pub struct EsAuth {
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub api_key: Option<Secret>,
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// Settings refold makes itself: the write path's guarantees (I1) depend on them.
+const KAFKA_OWN_PROPERTIES: [&str; 4] = [
+    "bootstrap.servers",
+    "acks",
+    "enable.idempotence",
+    "group.id",
+];
+
+/// Parses `key=value;key=value` librdkafka properties.
+pub fn kafka_properties(spec: &str) -> anyhow::Result<Vec<(String, Secret)>> {
+    let mut out = Vec::new();
+    for (i, pair) in spec
+        .split(';')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .enumerate()
+    {
+        let Some((k, v)) = pair.split_once('=') else {
+            bail!(
+                "kafka_properties entry {} is not key=value (like security.protocol=SASL_SSL)",
+                i + 1
+            );
+        };
+        let k = k.trim();
+        if k.is_empty() {
+            bail!("kafka_properties entry {} has no key", i + 1);
+        }
+        if KAFKA_OWN_PROPERTIES.contains(&k) {
+            bail!(
+                "kafka_properties may not set {k}: refold sets it (use --kafka-brokers for the brokers)"
+            );
+        }
+        out.push((k.to_owned(), Secret(v.trim().to_owned())));
+    }
+    Ok(out)
 }
 
 impl Config {
@@ -308,6 +426,30 @@ impl Config {
                 s.document_commit_interval_ms.unwrap_or(50),
             ),
             stream_history: s.stream_history.unwrap_or(true),
+            kafka_properties: kafka_properties(s.kafka_properties.as_ref().map_or("", |p| &p.0))?,
+            elasticsearch_auth: {
+                if s.elasticsearch_password.is_some() != s.elasticsearch_username.is_some() {
+                    bail!("elasticsearch_username and elasticsearch_password go together");
+                }
+                if s.elasticsearch_api_key.is_some() && s.elasticsearch_username.is_some() {
+                    bail!("set elasticsearch_api_key or elasticsearch_username/password, not both");
+                }
+                if let Some(ca) = &s.elasticsearch_ca_cert
+                    && !ca.is_file()
+                {
+                    bail!("elasticsearch_ca_cert {} is not a file", ca.display());
+                }
+                EsAuth {
+                    username: s.elasticsearch_username,
+                    password: s.elasticsearch_password,
+                    api_key: s.elasticsearch_api_key,
+                    ca_cert: s.elasticsearch_ca_cert,
+                }
+            },
+            api_keys: std::sync::Arc::new(
+                ApiKeys::parse(s.api_keys.as_ref().map_or("", |k| &k.0))
+                    .map_err(anyhow::Error::msg)?,
+            ),
         })
     }
 

@@ -73,6 +73,12 @@ pub enum ApiError {
     /// 503 `shutting_down`.
     #[error("refold is shutting down")]
     ShuttingDown,
+    /// 401 `unauthorized`: no API key, or one refold does not know.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 403 `forbidden`: the API key lacks the scope the endpoint needs.
+    #[error("the API key lacks the `{scope}` scope this endpoint needs")]
+    Forbidden { scope: &'static str },
     /// 404 `not_found`.
     #[error("{0}")]
     NotFound(String),
@@ -109,6 +115,8 @@ impl ApiError {
             | Self::ShuttingDown
             | Self::NotCaughtUp { .. }
             | Self::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -127,6 +135,8 @@ impl ApiError {
             Self::Overloaded { .. } => "overloaded",
             Self::LogUnavailable { .. } => "log_unavailable",
             Self::ShuttingDown => "shutting_down",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::Forbidden { .. } => "forbidden",
             Self::NotFound(_) => "not_found",
             Self::NotCaughtUp { .. } => "not_caught_up",
             Self::ReplayInProgress(_) => "replay_in_progress",
@@ -172,6 +182,9 @@ impl ApiError {
                 e.insert("expected".into(), (*expected).into());
                 e.insert("actual".into(), (*actual).into());
             }
+            Self::Forbidden { scope } => {
+                e.insert("required_scope".into(), (*scope).into());
+            }
             Self::NotCaughtUp {
                 projection,
                 position,
@@ -199,6 +212,12 @@ impl IntoResponse for ApiError {
         if let Some(s) = self.retry_after() {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if let Self::Unauthorized(_) = self {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"refold\""),
+            );
         }
         resp
     }

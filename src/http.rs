@@ -1,17 +1,25 @@
 //! The HTTP API (axum): ingest, read side ([`crate::query`]) and operations. `app(state)` is the whole router,
 //! so tests drive it with `oneshot` exactly as a socket would.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, delete, get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
+use crate::auth::{ApiKeys, Scope};
 use crate::error::ApiError;
 use crate::event::{AppendInput, parse_bulk_item, parse_stream_append};
+use crate::metrics::{Metrics, Tally};
+use crate::openapi::{self, Op, int, read_your_writes, reference, string};
 use crate::position::Position;
 use crate::projection::engine::Engine;
 use crate::query;
@@ -23,33 +31,174 @@ const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 #[derive(Clone)]
 pub struct AppState {
     pub writer: Writer,
-    pub engine: std::sync::Arc<Engine>,
+    pub engine: Arc<Engine>,
     pub body_limit: usize,
+    pub keys: Arc<ApiKeys>,
+    pub metrics: Arc<Metrics>,
+    /// Checks the log and the stores answer, for `GET /readyz`.
+    pub backends: Arc<dyn Backends>,
+}
+
+/// What `GET /readyz` asks of the backends.
+#[async_trait::async_trait]
+pub trait Backends: Send + Sync {
+    /// `Err(reason)` when the log or a store of `engine`'s projections does not
+    /// answer, or the migrations are not applied.
+    async fn ready(&self, engine: &Engine) -> Result<(), String>;
+}
+
+/// One endpoint of the API: the router and the OpenAPI document are both built
+/// from the list [`endpoints`] returns.
+pub struct Endpoint {
+    pub method: Method,
+    pub path: &'static str,
+    /// The scope an API key needs (`None`: open to all).
+    pub scope: Option<Scope>,
+    pub op: Op,
+    handler: MethodRouter<AppState>,
+}
+
+fn endpoint(
+    method: Method,
+    path: &'static str,
+    scope: Option<Scope>,
+    handler: MethodRouter<AppState>,
+    op: Op,
+) -> Endpoint {
+    Endpoint {
+        method,
+        path,
+        scope,
+        op,
+        handler,
+    }
+}
+
+/// Every endpoint with its handler, scope and description.
+pub fn endpoints() -> Vec<Endpoint> {
+    use Scope::{Admin, Append, Read};
+    vec![
+        endpoint(Method::POST, "/streams/{stream}/events", Some(Append), post(append_to_stream),
+            Op::new("appendToStream", "ingest", "Append events to one stream (all or nothing)")
+                .body(&[("application/json", json!({"oneOf": [reference("StreamAppend"), reference("Event")]}))])
+                .ok(201, "appended", "Appended")
+                .ok(200, "an idempotent repeat of an earlier append: nothing appended", "Appended")),
+        endpoint(Method::GET, "/streams/{stream}/events", Some(Read), get(query::stream_events),
+            Op::new("streamEvents", "read", "A stream's events, oldest first, from version `from`")
+                .query([
+                    int("from", "first version to return", 1, i64::MAX as u64),
+                    int("limit", "most events to return", 1, query::MAX_HISTORY_LIMIT as u64),
+                ])
+                .query(read_your_writes())
+                .ok(200, "a page of the stream's events", "StreamHistory")),
+        endpoint(Method::POST, "/events", Some(Append), post(append_bulk),
+            Op::new("appendBulk", "ingest", "Append events across streams (not atomic across streams)")
+                .body(&[
+                    ("application/json", json!({"type": "array", "items": reference("BulkEvent"), "minItems": 1})),
+                    ("application/x-ndjson", json!({"type": "string", "description": "one BulkEvent per line"})),
+                ])
+                .ok(200, "one result per event, in order", "BulkResult")),
+        endpoint(Method::GET, "/views/{projection}", Some(Read), get(query::search),
+            Op::new("search", "read", "Search and list a document projection (declared fields filter as FIELD=VALUE)")
+                .query([
+                    string("q", "words to match in the text fields"),
+                    string("sort", "FIELD or -FIELD (a declared exact field)"),
+                    int("limit", "page size", 1, crate::projection::store::doc::MAX_LIMIT as u64),
+                    string("cursor", "the `cursor` of the previous page"),
+                ])
+                .query(read_your_writes())
+                .ok(200, "a page of matching documents", "SearchPage")),
+        endpoint(Method::GET, "/views/{projection}/{key}", Some(Read), get(query::view),
+            Op::new("view", "read", "The read model of one key")
+                .query(read_your_writes())
+                .ok(200, "the document or value", "Document")),
+        endpoint(Method::GET, "/views/{projection}/rankings/{name}", Some(Read), get(query::ranking),
+            Op::new("ranking", "read", "Top members of a ranking, highest score first")
+                .query([int("limit", "most members", 1, query::MAX_LIMIT as u64)])
+                .query(read_your_writes())
+                .ok(200, "the ranking", "Ranking")),
+        endpoint(Method::GET, "/projections", Some(Read), get(query::list),
+            Op::new("listProjections", "projections", "Every projection's status")
+                .ok(200, "the projections", "ProjectionList")),
+        endpoint(Method::GET, "/projections/{name}", Some(Read), get(query::status),
+            Op::new("projectionStatus", "projections", "One projection's status: generation, state, positions, lag, rate, dead letters, replay")
+                .ok(200, "the status", "ProjectionStatus")),
+        endpoint(Method::POST, "/projections/{name}/replay", Some(Admin), post(query::start_replay),
+            Op::new("startReplay", "projections", "Rebuild the projection from its definition on disk into a new generation; switch when caught up")
+                .ok(202, "the replay started", "ReplayStarted")),
+        endpoint(Method::DELETE, "/projections/{name}/replay", Some(Admin), delete(query::cancel_replay),
+            Op::new("cancelReplay", "projections", "Cancel the running replay and drop its generation")
+                .ok(200, "cancelled", "ReplayCancelled")),
+        endpoint(Method::GET, "/healthz", None, get(|| async { Json(json!({"status": "ok"})) }),
+            Op::new("healthz", "operations", "The process is alive")
+                .ok(200, "alive", "Status")),
+        endpoint(Method::GET, "/readyz", None, get(readyz),
+            Op::new("readyz", "operations", "Ready to serve: backends reachable, migrations applied, write path healthy, no projection failed")
+                .ok(200, "ready", "Status")),
+        endpoint(Method::GET, "/metrics", Some(Read), get(metrics),
+            Op::new("metrics", "operations", "Prometheus metrics (OpenMetrics text)")
+                .text(200, "the exposition", crate::metrics::CONTENT_TYPE)),
+        endpoint(Method::GET, "/openapi.json", None, get(openapi_json),
+            Op::new("openapi", "operations", "This document")
+                .ok(200, "the OpenAPI 3 document", "OpenApi")),
+    ]
+}
+
+/// The OpenAPI document of [`endpoints`].
+pub fn openapi_document() -> Value {
+    let eps = endpoints();
+    openapi::document(
+        eps.iter()
+            .map(|e| (e.method.as_str(), e.path, e.scope, &e.op)),
+    )
 }
 
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route(
-            "/streams/{stream}/events",
-            post(append_to_stream).get(query::stream_events),
-        )
-        .route("/events", post(append_bulk))
-        .route("/views/{projection}", get(query::search))
-        .route("/views/{projection}/{key}", get(query::view))
-        .route("/views/{projection}/rankings/{name}", get(query::ranking))
-        .route("/projections", get(query::list))
-        .route("/projections/{name}", get(query::status))
-        .route(
-            "/projections/{name}/replay",
-            post(query::start_replay).delete(query::cancel_replay),
-        )
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/readyz", get(readyz))
+    let mut router = Router::new();
+    let mut scopes: HashMap<(Method, &'static str), Option<Scope>> = HashMap::new();
+    for e in endpoints() {
+        scopes.insert((e.method.clone(), e.path), e.scope);
+        router = router.route(e.path, e.handler);
+    }
+    let scopes = Arc::new(scopes);
+    router
         .fallback(|| async {
-            ApiError::NotFound("no such endpoint; see the README for the API".into())
+            ApiError::NotFound("no such endpoint; see GET /openapi.json or the README".into())
         })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            move |s: State<AppState>, req: Request, next: Next| guard(s, scopes.clone(), req, next),
+        ))
         .with_state(state)
+}
+
+/// Admits the request by its API key, then counts its answer.
+async fn guard(
+    State(s): State<AppState>,
+    scopes: Arc<HashMap<(Method, &'static str), Option<Scope>>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned());
+    let method = req.method().clone();
+    let scope = route
+        .as_deref()
+        .and_then(|r| scopes.get(&(method.clone(), r)).copied())
+        .flatten();
+    let resp = match s.keys.check(req.headers(), scope) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    };
+    s.metrics.http_request(
+        method.as_str(),
+        route.as_deref().unwrap_or("unmatched"),
+        resp.status().as_u16(),
+    );
+    resp
 }
 
 async fn readyz(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
@@ -65,7 +214,31 @@ async fn readyz(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
             failed.join(", ")
         )));
     }
+    s.backends
+        .ready(&s.engine)
+        .await
+        .map_err(ApiError::NotReady)?;
     Ok(Json(json!({"status": "ready"})))
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    let (bytes, capacity, requests) = s.writer.queue();
+    s.metrics.write_queue(bytes, capacity, requests);
+    let mut statuses = Vec::new();
+    for p in s.engine.all() {
+        statuses.push(p.status().await);
+    }
+    s.metrics.projections(&statuses);
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn openapi_json() -> Json<Value> {
+    static DOC: std::sync::LazyLock<Value> = std::sync::LazyLock::new(openapi_document);
+    Json(DOC.clone())
 }
 
 /// Reserves write-path room for the body, then reads it within the limit.
@@ -99,23 +272,60 @@ async fn append_to_stream(
     stream: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Response {
+    let started = Instant::now();
+    let mut events = 0;
+    let result = append_one(&s, stream, &headers, body, &mut events).await;
+    let (outcome, tally) = match &result {
+        Ok(r) if r.created => (
+            "created",
+            Tally {
+                appended: events,
+                ..Tally::default()
+            },
+        ),
+        Ok(_) => (
+            "repeated",
+            Tally {
+                repeated: events,
+                ..Tally::default()
+            },
+        ),
+        Err(e) => (
+            e.code(),
+            Tally {
+                refused: events,
+                ..Tally::default()
+            },
+        ),
+    };
+    s.metrics
+        .ingest("stream", outcome, started.elapsed(), tally);
+    match result {
+        Ok(r) if r.created => (StatusCode::CREATED, Json(r)).into_response(),
+        Ok(r) => (StatusCode::OK, Json(r)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// One stream's append; `events` is set once the request's events are known.
+async fn append_one(
+    s: &AppState,
+    stream: Result<Path<String>, PathRejection>,
+    headers: &HeaderMap,
+    body: Body,
+    events: &mut u64,
+) -> Result<Appended, ApiError> {
     let Path(stream) = stream.map_err(|e| ApiError::invalid("stream", e.body_text()))?;
-    let (ticket, bytes) = admit(&s, &headers, body).await?;
+    let (ticket, bytes) = admit(s, headers, body).await?;
     let value: Value = serde_json::from_slice(&bytes).map_err(malformed)?;
     let input = parse_stream_append(&stream, value)?;
-    let result = s
-        .writer
+    *events = input.events.len() as u64;
+    s.writer
         .append(ticket, vec![input])
         .await?
         .pop()
-        .expect("one result per append")?;
-    let status = if result.created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((status, Json(result)).into_response())
+        .expect("one result per append")
 }
 
 /// Splits a bulk body into items: a JSON array, or NDJSON (one event per line).
@@ -167,13 +377,23 @@ fn at_item(e: ApiError, at: &str) -> ApiError {
     }
 }
 
-async fn append_bulk(
-    State(s): State<AppState>,
-    headers: HeaderMap,
+async fn append_bulk(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let mut tally = Tally::default();
+    let result = bulk(&s, &headers, body, &mut tally).await;
+    let outcome = result.as_ref().map_or_else(|e| e.code(), |_| "accepted");
+    s.metrics.ingest("bulk", outcome, started.elapsed(), tally);
+    result.map_or_else(IntoResponse::into_response, |v| Json(v).into_response())
+}
+
+async fn bulk(
+    s: &AppState,
+    headers: &HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
-    let (ticket, bytes) = admit(&s, &headers, body).await?;
-    let items = bulk_items(&headers, &bytes)?;
+    tally: &mut Tally,
+) -> Result<Value, ApiError> {
+    let (ticket, bytes) = admit(s, headers, body).await?;
+    let items = bulk_items(headers, &bytes)?;
     if items.is_empty() {
         return Err(ApiError::invalid(
             "body",
@@ -208,6 +428,10 @@ async fn append_bulk(
                     ..
                 }) => {
                     position.merge(&p);
+                    match created {
+                        true => tally.appended += 1,
+                        false => tally.repeated += 1,
+                    }
                     json!({
                         "status": if created { 201 } else { 200 },
                         "stream": stream,
@@ -217,11 +441,12 @@ async fn append_bulk(
                 }
                 Err(e) => {
                     errors = true;
+                    tally.refused += 1;
                     json!({"status": e.status().as_u16(), "error": e.body()})
                 }
             }
         })
         .collect();
     let position = (!position.is_empty()).then(|| position.to_string());
-    Ok(Json(json!({"errors": errors, "items": out, "position": position})).into_response())
+    Ok(json!({"errors": errors, "items": out, "position": position}))
 }

@@ -12,7 +12,10 @@
 //! | [`config`] | settings from `refold.toml`, `REFOLD_*` and flags, validated once |
 //! | [`telemetry`] | tracing: human or JSON logs |
 //! | [`server`] | wiring and graceful shutdown: log, migrations, write path, HTTP |
-//! | [`http`] | the axum router: ingest endpoints, health |
+//! | [`http`] | the endpoint table (router and OpenAPI document), ingest endpoints, health, metrics |
+//! | [`auth`] | API keys with scopes (append, read, admin), checked per route |
+//! | [`metrics`] | `GET /metrics`: Prometheus counters, histograms and scrape-time gauges |
+//! | [`openapi`] | `GET /openapi.json`, generated from the endpoint table |
 //! | [`query`] | read side over HTTP: views, search, rankings, stream history, projection status and replay |
 //! | [`error`] | [`error::ApiError`]: every error's status, code and JSON shape |
 //! | [`event`] | request parsing and validation, the event envelope in the log |
@@ -24,6 +27,7 @@
 //! | [`bench`] | `refold bench`: refold's figures beside the raw limits of its log and stores |
 //! | [`migrate`] | `migrations/*.toml`: topics created or checked, index declarations, applied once, recorded |
 
+pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod client;
@@ -33,7 +37,9 @@ pub mod error;
 pub mod event;
 pub mod http;
 pub mod log;
+pub mod metrics;
 pub mod migrate;
+pub mod openapi;
 pub mod position;
 pub mod projection;
 pub mod query;

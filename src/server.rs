@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -16,10 +17,11 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::config::{Config, LogBackend};
-use crate::http::{AppState, app};
+use crate::http::{AppState, Backends, app};
 use crate::log::EventLog;
 use crate::log::embedded::EmbeddedLog;
 use crate::log::kafka::KafkaLog;
+use crate::metrics::Metrics;
 use crate::migrate;
 use crate::projection::def::{Definition, StoreKind};
 use crate::projection::engine::{self, Engine, EngineConfig};
@@ -42,7 +44,7 @@ pub fn open_log(config: &Config) -> anyhow::Result<Arc<dyn EventLog>> {
                 .as_deref()
                 .context("--kafka-brokers is required")?;
             Arc::new(
-                KafkaLog::new(brokers, config.kafka_timeout)?
+                KafkaLog::with_properties(brokers, &config.kafka_properties, config.kafka_timeout)?
                     .with_fetch_wait(config.kafka_fetch_wait),
             )
         }
@@ -56,7 +58,7 @@ pub async fn open_kv(config: &Config) -> anyhow::Result<Arc<dyn KvStore>> {
         Some(url) => Arc::new(
             RedisStore::connect(url, &config.topic_prefix)
                 .await
-                .with_context(|| format!("cannot use Redis at {url} (--redis-url)"))?,
+                .context("cannot use Redis (--redis-url)")?,
         ),
         None => Arc::new(EmbeddedKv::open(&config.data_dir)?),
     })
@@ -67,11 +69,14 @@ pub async fn open_kv(config: &Config) -> anyhow::Result<Arc<dyn KvStore>> {
 pub async fn open_docs(config: &Config, specs: Specs) -> anyhow::Result<Arc<dyn DocStore>> {
     Ok(match &config.elasticsearch_url {
         Some(url) => Arc::new(
-            ElasticStore::connect(url, &config.topic_prefix, specs)
-                .await
-                .with_context(|| {
-                    format!("cannot use Elasticsearch at {url} (--elasticsearch-url)")
-                })?,
+            ElasticStore::connect_with(
+                url,
+                &config.elasticsearch_auth,
+                &config.topic_prefix,
+                specs,
+            )
+            .await
+            .context("cannot use Elasticsearch (--elasticsearch-url)")?,
         ),
         None => Arc::new(EmbeddedDocs::open(&config.data_dir, specs)?),
     })
@@ -113,7 +118,7 @@ pub async fn open_stores(
     })
 }
 
-pub fn writer_config(config: &Config) -> WriterConfig {
+pub fn writer_config(config: &Config, metrics: Arc<Metrics>) -> WriterConfig {
     WriterConfig {
         events_topic: config.topic(migrate::EVENTS),
         heads_topic: config.topic(migrate::STREAM_HEADS),
@@ -122,6 +127,56 @@ pub fn writer_config(config: &Config) -> WriterConfig {
         idempotency_window: config.idempotency_window,
         snapshot_every: config.snapshot_every,
         snapshot_interval: Duration::from_secs(1),
+        metrics,
+    }
+}
+
+/// How long `GET /readyz` waits for the backends.
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Readiness of the log: reachable, migrations applied (checked until they are,
+/// then remembered), and every projection's store answering.
+struct LogReadiness {
+    log: Arc<dyn EventLog>,
+    migrations: Vec<migrate::Migration>,
+    prefix: String,
+    migrated: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Backends for LogReadiness {
+    async fn ready(&self, engine: &Engine) -> Result<(), String> {
+        let check = async {
+            if !self.migrated.load(Ordering::Relaxed) {
+                migrate::check(&*self.log, &self.migrations, &self.prefix)
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
+                self.migrated.store(true, Ordering::Relaxed);
+            }
+            let events = format!("{}{}", self.prefix, migrate::EVENTS);
+            self.log
+                .end_offsets(&events)
+                .await
+                .map_err(|e| format!("the {} log does not answer: {e}", self.log.backend()))?;
+            for p in engine.all() {
+                p.store().meta(&p.name).await.map_err(|e| {
+                    format!(
+                        "the {} store of projection {} does not answer: {e}",
+                        p.store().backend(),
+                        p.name
+                    )
+                })?;
+            }
+            Ok(())
+        };
+        tokio::time::timeout(READY_TIMEOUT, check)
+            .await
+            .map_err(|_| {
+                format!(
+                    "the backends did not answer within {} s",
+                    READY_TIMEOUT.as_secs()
+                )
+            })?
     }
 }
 
@@ -151,6 +206,7 @@ impl Refold {
         let mut specs = migrate::index_specs(&migrations);
         specs.insert(history::NAME.to_string(), history::spec());
         let stores = open_stores(config, &defs, &specs).await?;
+        let metrics = Arc::new(Metrics::new());
         let events = config.topic(migrate::EVENTS);
         let partitions = log
             .describe_topic(&events)
@@ -167,15 +223,26 @@ impl Refold {
                 batch: config.projection_batch,
                 commit_interval: config.document_commit_interval,
                 specs,
+                metrics: metrics.clone(),
             },
         )
         .await?;
-        let (writer, writer_task) = Writer::start(log.clone(), writer_config(config)).await?;
+        let (writer, writer_task) =
+            Writer::start(log.clone(), writer_config(config, metrics.clone())).await?;
+        let backends = LogReadiness {
+            log: log.clone(),
+            migrations,
+            prefix: config.topic_prefix.clone(),
+            migrated: AtomicBool::new(false),
+        };
         Ok(Refold {
             state: AppState {
                 writer,
                 engine: Arc::new(engine),
                 body_limit: config.body_limit,
+                keys: config.api_keys.clone(),
+                metrics,
+                backends: Arc::new(backends),
             },
             log,
             writer_task,

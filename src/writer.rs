@@ -40,6 +40,7 @@ use uuid::Uuid;
 use crate::error::ApiError;
 use crate::event::{AppendInput, Envelope, now_ms, rfc3339};
 use crate::log::{EventLog, LogError, ProduceRecord, Record, partition_for, scan};
+use crate::metrics::Metrics;
 use crate::position::Position;
 
 #[derive(Debug, Clone)]
@@ -56,6 +57,7 @@ pub struct WriterConfig {
     pub snapshot_every: u64,
     /// ...or this long after a change.
     pub snapshot_interval: Duration,
+    pub metrics: Arc<Metrics>,
 }
 
 /// The result of one append, as the client sees it.
@@ -147,6 +149,15 @@ impl Writer {
                 mpsc::error::TrySendError::Closed(_) => ApiError::ShuttingDown,
             })?;
         rx.await.map_err(|_| ApiError::ShuttingDown)
+    }
+
+    /// The queue, for metrics: request bytes admitted and not yet answered, the
+    /// most it admits, and requests waiting for the writer.
+    pub fn queue(&self) -> (u64, u64, u64) {
+        let capacity = u64::from(self.budget_kib) * 1024;
+        let free = self.budget.available_permits() as u64 * 1024;
+        let waiting = (self.tx.max_capacity() - self.tx.capacity()) as u64;
+        (capacity.saturating_sub(free), capacity, waiting)
     }
 
     /// False while the writer cannot confirm the state of the log (see module doc).
@@ -575,10 +586,12 @@ impl WriterLoop {
             }
         }
         self.since_snapshot += written;
+        let append_took = append_started.elapsed();
+        self.config.metrics.log_append(written, append_took);
         debug!(
             jobs = replies.len(),
             events = written,
-            append_ms = append_started.elapsed().as_secs_f64() * 1e3,
+            append_ms = append_took.as_secs_f64() * 1e3,
             "batch durable"
         );
 

@@ -197,6 +197,7 @@ async fn kafka_redis_read_models_equal_the_oracle_with_a_competing_engine() {
             batch: 50,
             commit_interval: config.document_commit_interval,
             specs,
+            metrics: Default::default(),
         },
     )
     .await

@@ -10,6 +10,7 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use crate::config::Secret;
 use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -30,6 +31,8 @@ pub const DEFAULT_FETCH_WAIT: Duration = Duration::from_millis(100);
 
 pub struct KafkaLog {
     brokers: String,
+    /// `bootstrap.servers` plus the configured properties (TLS, SASL).
+    base: ClientConfig,
     timeout: Duration,
     /// The readers' `fetch.wait.max.ms`.
     fetch_wait: Duration,
@@ -64,12 +67,22 @@ fn kafka_err(e: KafkaError) -> LogError {
 /// record even when it is larger.
 const READER_PREFETCH_KIB: u32 = 1024;
 
+/// `bootstrap.servers` and the configured librdkafka properties: where every
+/// client starts (also used bare by `refold bench`).
+pub fn base_config(brokers: &str, properties: &[(String, Secret)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    for (k, v) in properties {
+        c.set(k, &v.0);
+    }
+    c.set("bootstrap.servers", brokers);
+    c
+}
+
 /// The consumer settings of every partition reader (also used bare by `refold
 /// bench`).
-pub(crate) fn reader_config(brokers: &str, fetch_wait: Duration) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("group.id", "refold-reader")
+pub(crate) fn reader_config(base: &ClientConfig, fetch_wait: Duration) -> ClientConfig {
+    let mut c = base.clone();
+    c.set("group.id", "refold-reader")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -84,10 +97,12 @@ pub(crate) fn reader_config(brokers: &str, fetch_wait: Duration) -> ClientConfig
 }
 
 /// The producer settings of every write (also used bare by `refold bench`).
-pub(crate) fn new_producer(brokers: &str, timeout: Duration) -> Result<FutureProducer, KafkaError> {
+pub(crate) fn new_producer(
+    base: &ClientConfig,
+    timeout: Duration,
+) -> Result<FutureProducer, KafkaError> {
     let ms = timeout.as_millis().max(1000).to_string();
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    base.clone()
         .set("enable.idempotence", "true")
         .set("acks", "all")
         // Topics come from migrations only: a metadata lookup (describe_topic) must
@@ -105,14 +120,25 @@ pub(crate) fn new_producer(brokers: &str, timeout: Duration) -> Result<FuturePro
 impl KafkaLog {
     /// Connects lazily: librdkafka dials the brokers on first use.
     pub fn new(brokers: &str, timeout: Duration) -> anyhow::Result<Self> {
-        let producer = new_producer(brokers, timeout)
+        Self::with_properties(brokers, &[], timeout)
+    }
+
+    /// [`KafkaLog::new`] with librdkafka `properties` (TLS, SASL) on every client.
+    /// librdkafka checks them here: an unknown key or bad value is an error.
+    pub fn with_properties(
+        brokers: &str,
+        properties: &[(String, Secret)],
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let base = base_config(brokers, properties);
+        let producer = new_producer(&base, timeout)
             .map_err(|e| anyhow::anyhow!("cannot create Kafka producer for {brokers}: {e}"))?;
-        let admin = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+        let admin = base
             .create()
             .map_err(|e| anyhow::anyhow!("cannot create Kafka admin client for {brokers}: {e}"))?;
         Ok(Self {
             brokers: brokers.to_owned(),
+            base,
             timeout,
             fetch_wait: DEFAULT_FETCH_WAIT,
             producer: RwLock::new(producer),
@@ -136,7 +162,7 @@ impl KafkaLog {
     /// tansu then drops the connection on every retry. A fresh producer starts
     /// clean; the old one is dropped off the runtime (its drop purges and waits).
     async fn reset_producer(&self) {
-        match new_producer(&self.brokers, self.timeout) {
+        match new_producer(&self.base, self.timeout) {
             Ok(fresh) => {
                 let old =
                     std::mem::replace(&mut *self.producer.write().expect("producer lock"), fresh);
@@ -173,12 +199,19 @@ impl EventLog for KafkaLog {
         for (k, v) in &spec.config {
             topic = topic.set(k, v);
         }
-        let opts = AdminOptions::new().operation_timeout(Some(self.timeout));
+        let opts = AdminOptions::new()
+            .operation_timeout(Some(self.timeout))
+            .request_timeout(Some(self.timeout));
         let results = self
             .admin
             .create_topics([&topic], &opts)
             .await
-            .map_err(kafka_err)?;
+            .map_err(|e| {
+                LogError::Unavailable(format!(
+                    "cannot create topic {} on Kafka at {} (check --kafka-brokers and, for TLS or SASL, kafka_properties): {e}",
+                    spec.name, self.brokers
+                ))
+            })?;
         match results.into_iter().next() {
             Some(Ok(_)) => Ok(Created::Created),
             Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(Created::AlreadyExists),
@@ -304,7 +337,7 @@ impl EventLog for KafkaLog {
         partition: u32,
         from: u64,
     ) -> LogResult<Box<dyn PartitionReader>> {
-        let consumer: BaseConsumer = reader_config(&self.brokers, self.fetch_wait)
+        let consumer: BaseConsumer = reader_config(&self.base, self.fetch_wait)
             .create()
             .map_err(kafka_err)?;
         let mut tpl = TopicPartitionList::new();

@@ -48,6 +48,7 @@ use super::store::{Commit, GenInfo, GenRef, Meta, ReadStore, Store, StoreError, 
 use crate::error::ApiError;
 use crate::event::Envelope;
 use crate::log::{ConsumedRecord, EventLog, READ_BATCH_BYTES};
+use crate::metrics::Metrics;
 use crate::position::Position;
 
 /// How long a worker waits on an empty partition before it looks again.
@@ -94,6 +95,7 @@ struct Ctx {
     partitions: u32,
     batch: usize,
     commit_interval: Duration,
+    metrics: Arc<Metrics>,
     /// Set at shutdown: replays stop without being dropped, to resume at start.
     shutting_down: AtomicBool,
 }
@@ -334,12 +336,19 @@ async fn run_partition(
             }
         }
         let commit_to = fx.halted_at.unwrap_or(upto);
-        committed = Some(Instant::now());
+        let started = Instant::now();
+        committed = Some(started);
         match session
             .commit(expected, commit_to, &fx, &g.def.schema)
             .await?
         {
             Commit::Applied => {
+                ctx.metrics.projection_commit(
+                    &g.id.projection,
+                    g.store.backend(),
+                    count,
+                    started.elapsed(),
+                );
                 expected = Some(commit_to);
                 next = commit_to;
                 checked = Instant::now();
@@ -757,6 +766,7 @@ pub struct EngineConfig {
     pub commit_interval: Duration,
     /// Index declarations of document projections, from `migrations/`.
     pub specs: Specs,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Engine {
@@ -774,6 +784,7 @@ impl Engine {
             partitions: cfg.partitions,
             batch: cfg.batch,
             commit_interval: cfg.commit_interval,
+            metrics: cfg.metrics,
             shutting_down: AtomicBool::new(false),
         });
         let mut projections = BTreeMap::new();

@@ -69,6 +69,8 @@ struct Shared {
     injected: AtomicU64,
     /// `_bulk` requests seen (touched or not).
     bulks: AtomicU64,
+    /// When set, requests without exactly this `Authorization` get 401.
+    auth: Mutex<Option<String>>,
 }
 
 /// A running proxy; stops when dropped.
@@ -86,6 +88,7 @@ impl EsProxy {
             plan: Mutex::new(Plan::default()),
             injected: AtomicU64::new(0),
             bulks: AtomicU64::new(0),
+            auth: Mutex::new(None),
         });
         let app = Router::new().fallback(handle).with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -127,6 +130,12 @@ impl EsProxy {
         self.shared.plan.lock().unwrap().queue.len()
     }
 
+    /// Answers 401, as a secured Elasticsearch does, to requests that do not
+    /// carry exactly this `Authorization` header.
+    pub fn require_authorization(&self, value: &str) {
+        *self.shared.auth.lock().unwrap() = Some(value.to_owned());
+    }
+
     pub fn bulks(&self) -> u64 {
         self.shared.bulks.load(Ordering::SeqCst)
     }
@@ -145,6 +154,15 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let required = s.auth.lock().unwrap().clone();
+    if let Some(required) = required
+        && headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(required.as_str())
+    {
+        return json_response(
+            401,
+            &json!({"error": {"type": "security_exception", "reason": "missing authentication credentials"}, "status": 401}),
+        );
+    }
     let path = uri.path();
     if !path.ends_with("/_bulk") {
         return forward(&s, method, &uri, &headers, body).await;

@@ -236,6 +236,16 @@ impl Proc {
 
     /// [`Proc::serve`] on a given port (a restart where clients expect it).
     pub async fn serve_on(port: u16, args: &[&str], log_dir: &Path) -> Proc {
+        Self::serve_with(port, args, &[], log_dir).await
+    }
+
+    /// [`Proc::serve_on`] with extra environment variables.
+    pub async fn serve_with(
+        port: u16,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> Proc {
         static STARTS: AtomicU32 = AtomicU32::new(0);
         let n = STARTS.fetch_add(1, Ordering::Relaxed);
         let log_path = log_dir.join(format!("refold-{port}-{n}.log"));
@@ -246,6 +256,7 @@ impl Proc {
             .args(["--migrations", migrations_dir().to_str().unwrap()])
             .args(args)
             .env_remove("REFOLD_CONFIG")
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -399,4 +410,65 @@ pub fn assert_one_winner(answers: &[Resp], version: u64) {
         "{statuses:?}"
     );
     assert_eq!(wins[0].body["first_version"], version, "{:?}", wins[0].body);
+}
+
+/// A TCP forwarder to a backend that a test can cut (open connections dropped,
+/// new ones closed at once) and restore: the backend becomes unreachable.
+pub struct TcpGate {
+    pub addr: std::net::SocketAddr,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpGate {
+    /// Forwards to `upstream` (`host:port`).
+    pub async fn start(upstream: &str) -> TcpGate {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let upstream = upstream.to_owned();
+        let task = tokio::spawn({
+            let (open, conns) = (open.clone(), conns.clone());
+            async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if !open.load(Ordering::SeqCst) {
+                        continue; // dropped: closed at once
+                    }
+                    let upstream = upstream.clone();
+                    let conn = tokio::spawn(async move {
+                        if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                    conns.lock().unwrap().push(conn);
+                }
+            }
+        });
+        TcpGate {
+            addr,
+            open,
+            conns,
+            task,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpGate {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+    }
 }

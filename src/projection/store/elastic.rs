@@ -51,6 +51,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use async_trait::async_trait;
 use elasticsearch::Elasticsearch;
+use elasticsearch::auth::Credentials;
+use elasticsearch::cert::{Certificate, CertificateValidation};
 use elasticsearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::{Method, Url};
@@ -63,6 +65,7 @@ use super::doc::{
 use super::{
     Commit, DEAD_LETTERS_KEPT, GenRef, Meta, Schema, Session, Store, StoreError, StoreResult,
 };
+use crate::config::EsAuth;
 use crate::projection::fold::{DeadLetter, DocReads, Effects};
 
 /// How long one request may take.
@@ -108,10 +111,40 @@ impl ElasticStore {
     /// Connects and asks the server who it is, so that a wrong URL fails at start.
     /// `namespace` (the topic prefix, e.g. `refold.`) starts every index name.
     pub async fn connect(url: &str, namespace: &str, specs: Specs) -> anyhow::Result<Self> {
+        Self::connect_with(url, &EsAuth::default(), namespace, specs).await
+    }
+
+    /// [`ElasticStore::connect`] with credentials (basic or API key) and, for
+    /// `https://`, the CA to trust.
+    pub async fn connect_with(
+        url: &str,
+        auth: &EsAuth,
+        namespace: &str,
+        specs: Specs,
+    ) -> anyhow::Result<Self> {
         let shown = redact(url);
         let parsed =
             Url::parse(url).with_context(|| format!("invalid Elasticsearch URL `{shown}`"))?;
-        let transport = TransportBuilder::new(SingleNodeConnectionPool::new(parsed))
+        let mut builder = TransportBuilder::new(SingleNodeConnectionPool::new(parsed));
+        match (&auth.username, &auth.password, &auth.api_key) {
+            (Some(user), Some(password), _) => {
+                builder = builder.auth(Credentials::Basic(user.clone(), password.0.clone()));
+            }
+            (_, _, Some(key)) => builder = builder.auth(Credentials::EncodedApiKey(key.0.clone())),
+            _ => {}
+        }
+        if let Some(ca) = &auth.ca_cert {
+            let pem = std::fs::read(ca)
+                .with_context(|| format!("cannot read elasticsearch_ca_cert {}", ca.display()))?;
+            let cert = Certificate::from_pem(&pem).with_context(|| {
+                format!(
+                    "elasticsearch_ca_cert {} holds no PEM certificate",
+                    ca.display()
+                )
+            })?;
+            builder = builder.cert_validation(CertificateValidation::Full(cert));
+        }
+        let transport = builder
             .build()
             .with_context(|| format!("cannot set up a client for Elasticsearch at `{shown}`"))?;
         let client = Elasticsearch::new(transport);

@@ -1,0 +1,372 @@
+//! `GET /metrics`: Prometheus (OpenMetrics text) metrics of one refold process.
+//!
+//! Event-driven figures (requests, latencies, batch sizes, store writes) are
+//! recorded where they happen: the HTTP layer, the writer and the projection
+//! workers hold an `Arc<Metrics>`. State figures (write-path queue, projection
+//! positions, lag, rates, dead letters, replay progress) are read when scraped,
+//! from the same status the API serves, so the two never disagree.
+//!
+//! Label values are bounded: routes are the router's templates, outcomes are
+//! error codes, projections and partitions are fixed by configuration.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde_json::Value;
+use std::sync::atomic::AtomicU64;
+
+type Labels<const N: usize> = [(&'static str, String); N];
+type Histograms<const N: usize> = Family<Labels<N>, Histogram, fn() -> Histogram>;
+type GaugeF = Gauge<f64, AtomicU64>;
+
+/// The content type of the exposition.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+fn seconds() -> Histogram {
+    // 0.1 ms .. ~13 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+fn counts() -> Histogram {
+    // 1 .. 65536 events
+    Histogram::new(exponential_buckets(1.0, 4.0, 9))
+}
+
+/// Every metric of the process.
+pub struct Metrics {
+    registry: Registry,
+    http_requests: Family<Labels<3>, Counter>,
+    ingest_requests: Family<Labels<2>, Counter>,
+    ingest_events: Family<Labels<1>, Counter>,
+    ingest_duration: Histograms<2>,
+    write_queue_bytes: Gauge,
+    write_queue_capacity: Gauge,
+    write_queue_requests: Gauge,
+    write_batch_events: Histogram,
+    log_append_duration: Histogram,
+    projection_events: Family<Labels<1>, Counter>,
+    projection_commits: Family<Labels<1>, Counter>,
+    projection_batch_events: Histograms<1>,
+    store_write_duration: Histograms<2>,
+    position: Family<Labels<2>, Gauge>,
+    lag: Family<Labels<2>, Gauge>,
+    events_per_second: Family<Labels<1>, GaugeF>,
+    dead_letters: Family<Labels<1>, Gauge>,
+    replay_progress: Family<Labels<1>, GaugeF>,
+    state: Family<Labels<2>, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("refold");
+        let m = Metrics {
+            http_requests: Family::default(),
+            ingest_requests: Family::default(),
+            ingest_events: Family::default(),
+            ingest_duration: Family::new_with_constructor(seconds),
+            write_queue_bytes: Gauge::default(),
+            write_queue_capacity: Gauge::default(),
+            write_queue_requests: Gauge::default(),
+            write_batch_events: counts(),
+            log_append_duration: seconds(),
+            projection_events: Family::default(),
+            projection_commits: Family::default(),
+            projection_batch_events: Family::new_with_constructor(counts),
+            store_write_duration: Family::new_with_constructor(seconds),
+            position: Family::default(),
+            lag: Family::default(),
+            events_per_second: Family::default(),
+            dead_letters: Family::default(),
+            replay_progress: Family::default(),
+            state: Family::default(),
+            registry: Registry::default(),
+        };
+        r.register(
+            "http_requests",
+            "HTTP requests by method, route template and status",
+            m.http_requests.clone(),
+        );
+        r.register(
+            "ingest_requests",
+            "Append requests by endpoint (stream, bulk) and outcome (created, repeated, accepted or an error code)",
+            m.ingest_requests.clone(),
+        );
+        r.register(
+            "ingest_events",
+            "Events in append requests by outcome (appended, repeated, refused)",
+            m.ingest_events.clone(),
+        );
+        r.register(
+            "ingest_duration_seconds",
+            "Append request latency by endpoint and outcome, body read to answer",
+            m.ingest_duration.clone(),
+        );
+        r.register(
+            "write_queue_bytes",
+            "Request bytes admitted into the write path and not yet answered",
+            m.write_queue_bytes.clone(),
+        );
+        r.register(
+            "write_queue_capacity_bytes",
+            "Bytes the write path admits at once (ingest_buffer); beyond it appends get 429",
+            m.write_queue_capacity.clone(),
+        );
+        r.register(
+            "write_queue_requests",
+            "Append requests waiting for the writer",
+            m.write_queue_requests.clone(),
+        );
+        r.register(
+            "write_batch_events",
+            "Events per durable log append (group commit)",
+            m.write_batch_events.clone(),
+        );
+        r.register(
+            "log_append_duration_seconds",
+            "Time for the log to make one batch durable",
+            m.log_append_duration.clone(),
+        );
+        r.register(
+            "projection_events",
+            "Log records folded by each projection in this process (replays included)",
+            m.projection_events.clone(),
+        );
+        r.register(
+            "projection_commits",
+            "Store writes (batch plus checkpoint) by each projection",
+            m.projection_commits.clone(),
+        );
+        r.register(
+            "projection_batch_events",
+            "Log records per projection batch",
+            m.projection_batch_events.clone(),
+        );
+        r.register(
+            "projection_store_write_duration_seconds",
+            "Time to write one folded batch with its checkpoint, by projection and store",
+            m.store_write_duration.clone(),
+        );
+        r.register(
+            "projection_position",
+            "Next log offset the live generation reads, per projection and partition",
+            m.position.clone(),
+        );
+        r.register(
+            "projection_lag",
+            "Log records not yet applied, per projection and partition",
+            m.lag.clone(),
+        );
+        r.register(
+            "projection_events_per_second",
+            "Recent fold rate of each projection's live generation",
+            m.events_per_second.clone(),
+        );
+        r.register(
+            "projection_dead_letters",
+            "Dead letters recorded by each projection's live generation",
+            m.dead_letters.clone(),
+        );
+        r.register(
+            "projection_replay_progress",
+            "Share of the log a running replay has folded (0 to 1)",
+            m.replay_progress.clone(),
+        );
+        r.register(
+            "projection_state",
+            "1 for each projection's current state (running, replaying, failed)",
+            m.state.clone(),
+        );
+        Metrics { registry: r, ..m }
+    }
+
+    /// One HTTP request answered.
+    pub fn http_request(&self, method: &str, route: &str, status: u16) {
+        self.http_requests
+            .get_or_create(&[
+                ("method", method.to_owned()),
+                ("route", route.to_owned()),
+                ("status", status.to_string()),
+            ])
+            .inc();
+    }
+
+    /// One append request answered: `endpoint` is `stream` or `bulk`, `outcome`
+    /// `created`, `repeated`, `accepted` or an error code; `events` counts
+    /// the request's events by what became of them.
+    pub fn ingest(&self, endpoint: &'static str, outcome: &str, took: Duration, events: Tally) {
+        let labels = [
+            ("endpoint", endpoint.to_owned()),
+            ("outcome", outcome.to_owned()),
+        ];
+        self.ingest_requests.get_or_create(&labels).inc();
+        self.ingest_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        for (outcome, n) in [
+            ("appended", events.appended),
+            ("repeated", events.repeated),
+            ("refused", events.refused),
+        ] {
+            if n > 0 {
+                self.ingest_events
+                    .get_or_create(&[("outcome", outcome.to_owned())])
+                    .inc_by(n);
+            }
+        }
+    }
+
+    /// The write path's queue, read at scrape time.
+    pub fn write_queue(&self, bytes: u64, capacity: u64, requests: u64) {
+        self.write_queue_bytes.set(bytes as i64);
+        self.write_queue_capacity.set(capacity as i64);
+        self.write_queue_requests.set(requests as i64);
+    }
+
+    /// One durable log append of `events` events.
+    pub fn log_append(&self, events: u64, took: Duration) {
+        self.write_batch_events.observe(events as f64);
+        self.log_append_duration.observe(took.as_secs_f64());
+    }
+
+    /// One projection batch of `records` written to `store` in `took`.
+    pub fn projection_commit(&self, projection: &str, store: &str, records: u64, took: Duration) {
+        let p = [("projection", projection.to_owned())];
+        self.projection_events.get_or_create(&p).inc_by(records);
+        self.projection_commits.get_or_create(&p).inc();
+        self.projection_batch_events
+            .get_or_create(&p)
+            .observe(records as f64);
+        self.store_write_duration
+            .get_or_create(&[
+                ("projection", projection.to_owned()),
+                ("store", store.to_owned()),
+            ])
+            .observe(took.as_secs_f64());
+    }
+
+    /// The state gauges of every projection, from the status objects of
+    /// `GET /projections` (read at scrape time; absent projections vanish).
+    pub fn projections(&self, statuses: &[Value]) {
+        for f in [&self.position, &self.lag, &self.state] {
+            f.clear();
+        }
+        for f in [&self.events_per_second, &self.replay_progress] {
+            f.clear();
+        }
+        self.dead_letters.clear();
+        for s in statuses {
+            let name = s["name"].as_str().unwrap_or_default().to_owned();
+            let p = [("projection", name.clone())];
+            for part in s["partitions"].as_array().into_iter().flatten() {
+                let labels = [
+                    ("projection", name.clone()),
+                    ("partition", part["partition"].to_string()),
+                ];
+                if let Some(pos) = part["position"].as_i64() {
+                    self.position.get_or_create(&labels).set(pos);
+                }
+                if let Some(lag) = part["lag"].as_i64() {
+                    self.lag.get_or_create(&labels).set(lag);
+                }
+            }
+            if let Some(r) = s["events_per_sec"].as_f64() {
+                self.events_per_second.get_or_create(&p).set(r);
+            }
+            if let Some(n) = s["dead_letters"]["count"].as_i64() {
+                self.dead_letters.get_or_create(&p).set(n);
+            }
+            if let Some(progress) = s["replay"]["progress"].as_f64() {
+                self.replay_progress.get_or_create(&p).set(progress);
+            }
+            let state = s["state"].as_str().unwrap_or("unknown").to_owned();
+            self.state
+                .get_or_create(&[("projection", name), ("state", state)])
+                .set(1);
+        }
+    }
+
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(16 << 10);
+        if encode(&mut out, &self.registry).is_err() {
+            // Writing to a String cannot fail; keep the exposition well formed.
+            out.clear();
+            let _ = writeln!(out, "# EOF");
+        }
+        out
+    }
+}
+
+/// What became of an append request's events.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Tally {
+    pub appended: u64,
+    pub repeated: u64,
+    pub refused: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_exposition_names_what_happened() {
+        let m = Metrics::new();
+        m.http_request("GET", "/healthz", 200);
+        m.ingest(
+            "stream",
+            "created",
+            Duration::from_millis(3),
+            Tally {
+                appended: 2,
+                ..Tally::default()
+            },
+        );
+        m.projection_commit("post_stats", "redis", 40, Duration::from_millis(2));
+        m.projections(&[json!({
+            "name": "post_stats", "state": "replaying", "events_per_sec": 12.5,
+            "partitions": [{"partition": 0, "position": 7, "lag": 3}],
+            "dead_letters": {"count": 1}, "replay": {"progress": 0.25},
+        })]);
+        let text = m.render();
+        for line in [
+            r#"refold_http_requests_total{method="GET",route="/healthz",status="200"} 1"#,
+            r#"refold_ingest_requests_total{endpoint="stream",outcome="created"} 1"#,
+            r#"refold_ingest_events_total{outcome="appended"} 2"#,
+            r#"refold_ingest_duration_seconds_count{endpoint="stream",outcome="created"} 1"#,
+            r#"refold_projection_events_total{projection="post_stats"} 40"#,
+            r#"refold_projection_batch_events_sum{projection="post_stats"} 40.0"#,
+            r#"refold_projection_store_write_duration_seconds_count{projection="post_stats",store="redis"} 1"#,
+            r#"refold_projection_position{projection="post_stats",partition="0"} 7"#,
+            r#"refold_projection_lag{projection="post_stats",partition="0"} 3"#,
+            r#"refold_projection_replay_progress{projection="post_stats"} 0.25"#,
+            r#"refold_projection_state{projection="post_stats",state="replaying"} 1"#,
+            r#"refold_projection_dead_letters{projection="post_stats"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in:\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        // A projection gone from the status is gone from the scrape.
+        m.projections(&[]);
+        assert!(!m.render().contains("refold_projection_state{"));
+    }
+}
