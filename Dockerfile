@@ -66,7 +66,8 @@ ENV REFOLD_LISTEN=0.0.0.0:8080 \
     REFOLD_MIGRATIONS=/app/migrations \
     REFOLD_LOG_FORMAT=json
 
-USER refold
+# Numeric, so that runtimes can verify it is not root (runAsNonRoot).
+USER 10001:10001
 VOLUME ["/var/lib/refold"]
 EXPOSE 8080
 

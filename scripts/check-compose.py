@@ -7,8 +7,9 @@ checks what `docker compose config` would, and the project's own rules on top:
 1. docker-compose.yml parses as YAML and validates against the Compose
    Specification's JSON schema (vendored in deploy/compose-spec/), after the
    same `${VAR:-default}` interpolation Compose does. Scalars that a YAML 1.1
-   reader would take differently from Compose's YAML 1.2 (`8080:8080` is a
-   number in base 60 to YAML 1.1, `no` a boolean) must be quoted.
+   reader would take differently from Compose's YAML 1.2 (a port `22:22` is
+   1342 in base 60 to YAML 1.1, `no` a boolean) must be quoted; a key given
+   twice in one mapping is an error, as in Compose.
 2. Services: every `depends_on` names a service, with no cycle; `service_healthy`
    only on services that have a healthcheck, `service_completed_successfully` only
    on one-shot services (restart "no"); every long-running service has a
@@ -22,21 +23,28 @@ checks what `docker compose config` would, and the project's own rules on top:
 4. Monitoring: deploy/prometheus/prometheus.yml has a scrape job for refold's
    /metrics; the Grafana datasource points at the prometheus service; the
    dashboard JSON parses, uses the provisioned datasource and only metric names
-   refold serves.
+   refold serves. promtool checks prometheus.yml and parses every dashboard
+   query as PromQL.
 
 Usage: scripts/check-compose.py [--compose FILE]. Exits 1 with every problem
 listed; prints one line when all is well. Needs PyYAML and jsonschema, installed
-from PyPI only when missing.
+from PyPI only when missing, and promtool: from PATH, else taken once per machine
+from Debian's `prometheus` package (apt-get download, nothing installed) into
+~/.cache/refold/.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +52,7 @@ SCHEMA = ROOT / "deploy/compose-spec/compose-spec.json"
 PROMETHEUS = ROOT / "deploy/prometheus/prometheus.yml"
 GRAFANA_PROVISIONING = ROOT / "deploy/grafana/provisioning"
 DASHBOARDS = ROOT / "deploy/grafana/dashboards"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "refold"
 
 # Services the README describes, and the only profile it has.
 CORE_SERVICES = ["kafka", "elasticsearch", "redis", "migrate", "refold"]
@@ -458,10 +467,11 @@ def check(compose_path: Path) -> tuple[list[str], str]:
     check_prometheus(services, refold_port, err)
     uids = check_grafana_provisioning(services, err)
     dashboards = check_dashboards(uids, err)
+    check_promql(err)
 
     summary = (f"{compose_path.name} valid: {len(services)} services "
                f"({', '.join(services)}), {len(volumes)} volumes; "
-               f"prometheus.yml, grafana provisioning and {dashboards} dashboard(s) valid")
+               f"prometheus.yml (promtool), grafana provisioning and {dashboards} dashboard(s) valid")
     return errors, summary
 
 
@@ -614,6 +624,82 @@ def check_dashboards(uids: set[str], err) -> int:
                     if not known_metric(name):
                         err(f"{rel}: panel {title!r} queries {name}, which refold does not serve")
     return len(files)
+
+
+def promtool() -> str:
+    """promtool from PATH, or from Debian's prometheus package, unpacked once into
+    the cache (nothing is installed)."""
+    found = shutil.which("promtool")
+    if found:
+        return found
+    cached = CACHE / "promtool"
+    if cached.is_file():
+        return str(cached)
+    say("fetching promtool from Debian's prometheus package (once per machine)")
+    with tempfile.TemporaryDirectory() as d:
+        def download() -> subprocess.CompletedProcess:
+            return subprocess.run(["apt-get", "download", "prometheus"], cwd=d,
+                                  capture_output=True, text=True)
+        try:
+            r = download()
+            if r.returncode != 0:  # no package lists yet, or stale ones
+                subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+                r = download()
+            debs = glob.glob(os.path.join(d, "prometheus_*.deb"))
+            if r.returncode != 0 or not debs:
+                raise OSError(f"apt-get download prometheus: {r.stderr.strip()}")
+            subprocess.run(["dpkg-deb", "-x", debs[0], os.path.join(d, "x")], check=True,
+                           capture_output=True)
+            CACHE.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(os.path.join(d, "x/usr/bin/promtool"), cached)
+        except (OSError, subprocess.CalledProcessError) as e:
+            say(f"FAILED: no promtool on PATH and none could be taken from Debian's "
+                f"prometheus package ({e})")
+            sys.exit(1)
+    return str(cached)
+
+
+def check_promql(err) -> None:
+    """prometheus.yml as Prometheus reads it, and every dashboard query parsed as
+    PromQL (as recording rules, with Grafana's variables given example values)."""
+    tool = promtool()
+    r = subprocess.run([tool, "check", "config", "--syntax-only", str(PROMETHEUS)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        err(f"{PROMETHEUS.relative_to(ROOT)}: promtool check config: "
+            f"{(r.stdout + r.stderr).strip()}")
+    rules, names = [], {}
+    for f in sorted(DASHBOARDS.glob("*.json")):
+        try:
+            dash = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue  # reported by check_dashboards
+        panels = list(dash.get("panels") or [])
+        for p in list(panels):
+            panels += p.get("panels") or []
+        for p in panels:
+            for t in p.get("targets") or []:
+                expr = t.get("expr", "")
+                expr = re.sub(r"\$__(rate_)?interval\b", "1m", expr)
+                expr = re.sub(r"\$__range\b", "1h", expr)
+                expr = re.sub(r"\$\{?[A-Za-z_]\w*\}?", ".*", expr)
+                name = f"dashboard_query_{len(rules)}"
+                names[name] = f"{f.relative_to(ROOT)}: panel {p.get('title')!r} query {t.get('refId')}"
+                rules.append({"record": name, "expr": expr})
+    if not rules:
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".yml") as tmp:
+        json.dump({"groups": [{"name": "dashboard", "rules": rules}]}, tmp)  # JSON is YAML
+        tmp.flush()
+        r = subprocess.run([tool, "check", "rules", tmp.name], capture_output=True, text=True)
+    if r.returncode != 0:
+        out = r.stdout + r.stderr
+        for name, where in names.items():
+            out = re.sub(rf"\b{name}\b", where, out)
+        bad = [l.strip() for l in out.splitlines() if "FAILED" not in l and l.strip()
+               and not l.startswith("Checking")]
+        err("dashboard queries that are not PromQL (promtool check rules):\n      "
+            + "\n      ".join(bad))
 
 
 def main() -> int:
