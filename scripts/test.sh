@@ -5,6 +5,8 @@
 # Extra arguments go to `cargo test` (e.g. scripts/test.sh --test kafka_write_path).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# docker-compose.yml, Dockerfile and deploy/, checked without Docker (none here).
+python3 scripts/check-compose.py
 source scripts/services.sh
 trap stop_services EXIT
 start_services

@@ -17,7 +17,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::{Metric, Registry};
 use serde_json::Value;
 use std::sync::atomic::AtomicU64;
 
@@ -38,9 +39,29 @@ fn counts() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 4.0, 9))
 }
 
+/// Registers `metric` as `refold_{name}` and records the sample names it yields.
+fn reg<M: Metric + TypedMetric>(
+    r: &mut Registry,
+    names: &mut Vec<String>,
+    name: &str,
+    help: &str,
+    metric: M,
+) {
+    let full = format!("refold_{name}");
+    match M::TYPE {
+        MetricType::Counter => names.push(format!("{full}_total")),
+        MetricType::Histogram => {
+            names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{full}{s}")))
+        }
+        _ => names.push(full),
+    }
+    r.register(name, help, metric);
+}
+
 /// Every metric of the process.
 pub struct Metrics {
     registry: Registry,
+    names: Vec<String>,
     http_requests: Family<Labels<3>, Counter>,
     ingest_requests: Family<Labels<2>, Counter>,
     ingest_events: Family<Labels<1>, Counter>,
@@ -77,6 +98,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut r = Registry::with_prefix("refold");
+        let mut names = Vec::new();
         let m = Metrics {
             http_requests: Family::default(),
             ingest_requests: Family::default(),
@@ -98,103 +120,153 @@ impl Metrics {
             replay_progress: Family::default(),
             state: Family::default(),
             registry: Registry::default(),
+            names: Vec::new(),
         };
-        r.register(
+        reg(
+            &mut r,
+            &mut names,
             "http_requests",
             "HTTP requests by method, route template and status",
             m.http_requests.clone(),
         );
-        r.register(
+        reg(
+            &mut r,
+            &mut names,
             "ingest_requests",
             "Append requests by endpoint (stream, bulk) and outcome (created, repeated, accepted or an error code)",
             m.ingest_requests.clone(),
         );
-        r.register(
+        reg(
+            &mut r,
+            &mut names,
             "ingest_events",
             "Events in append requests by outcome (appended, repeated, refused)",
             m.ingest_events.clone(),
         );
-        r.register(
+        reg(
+            &mut r,
+            &mut names,
             "ingest_duration_seconds",
             "Append request latency by endpoint and outcome, body read to answer",
             m.ingest_duration.clone(),
         );
-        r.register(
+        reg(
+            &mut r,
+            &mut names,
             "write_queue_bytes",
             "Request bytes admitted into the write path and not yet answered",
             m.write_queue_bytes.clone(),
         );
-        r.register(
+        reg(
+            &mut r,
+            &mut names,
             "write_queue_capacity_bytes",
             "Bytes the write path admits at once (ingest_buffer); beyond it appends get 429",
             m.write_queue_capacity.clone(),
         );
-        r.register(
+        reg(
+            &mut r,
+            &mut names,
             "write_queue_requests",
             "Append requests waiting for the writer",
             m.write_queue_requests.clone(),
         );
-        r.register(
+        reg(
+            &mut r,
+            &mut names,
             "write_batch_events",
             "Events per durable log append (group commit)",
             m.write_batch_events.clone(),
         );
-        r.register(
+        reg(
+            &mut r,
+            &mut names,
             "log_append_duration_seconds",
             "Time for the log to make one batch durable",
             m.log_append_duration.clone(),
         );
-        r.register(
+        reg(
+            &mut r,
+            &mut names,
             "projection_events",
             "Log records folded by each projection in this process (replays included)",
             m.projection_events.clone(),
         );
-        r.register(
+        reg(
+            &mut r,
+            &mut names,
             "projection_commits",
             "Store writes (batch plus checkpoint) by each projection",
             m.projection_commits.clone(),
         );
-        r.register(
+        reg(
+            &mut r,
+            &mut names,
             "projection_batch_events",
             "Log records per projection batch",
             m.projection_batch_events.clone(),
         );
-        r.register(
+        reg(
+            &mut r,
+            &mut names,
             "projection_store_write_duration_seconds",
             "Time to write one folded batch with its checkpoint, by projection and store",
             m.store_write_duration.clone(),
         );
-        r.register(
+        reg(
+            &mut r,
+            &mut names,
             "projection_position",
             "Next log offset the live generation reads, per projection and partition",
             m.position.clone(),
         );
-        r.register(
+        reg(
+            &mut r,
+            &mut names,
             "projection_lag",
             "Log records not yet applied, per projection and partition",
             m.lag.clone(),
         );
-        r.register(
+        reg(
+            &mut r,
+            &mut names,
             "projection_events_per_second",
             "Recent fold rate of each projection's live generation",
             m.events_per_second.clone(),
         );
-        r.register(
+        reg(
+            &mut r,
+            &mut names,
             "projection_dead_letters",
             "Dead letters recorded by each projection's live generation",
             m.dead_letters.clone(),
         );
-        r.register(
+        reg(
+            &mut r,
+            &mut names,
             "projection_replay_progress",
             "Share of the log a running replay has folded (0 to 1)",
             m.replay_progress.clone(),
         );
-        r.register(
+        reg(
+            &mut r,
+            &mut names,
             "projection_state",
             "1 for each projection's current state (running, replaying, failed)",
             m.state.clone(),
         );
-        Metrics { registry: r, ..m }
+        Metrics {
+            registry: r,
+            names,
+            ..m
+        }
+    }
+
+    /// Every sample name the exposition can hold (counters with `_total`,
+    /// histograms with `_bucket`, `_sum` and `_count`), whether or not it has
+    /// samples yet.
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// One HTTP request answered.
@@ -365,6 +437,11 @@ mod tests {
             assert!(text.contains(line), "missing {line} in:\n{text}");
         }
         assert!(text.ends_with("# EOF\n"), "{text}");
+        // Every sample in the exposition has a name of `names()`.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(m.names().iter().any(|n| n == name), "{name} not in names()");
+        }
         // A projection gone from the status is gone from the scrape.
         m.projections(&[]);
         assert!(!m.render().contains("refold_projection_state{"));

@@ -362,6 +362,67 @@ async fn metrics_count_ingest_by_outcome_and_show_each_projection_caught_up() {
     refold.stop().await;
 }
 
+#[test]
+fn the_grafana_dashboard_queries_only_metrics_refold_serves() {
+    // The registry's names (the metrics unit test checks every sample of the
+    // exposition is one of them).
+    let served: std::collections::BTreeSet<String> = refold::metrics::Metrics::new()
+        .names()
+        .iter()
+        .cloned()
+        .collect();
+    assert!(
+        served.contains("refold_projection_replay_progress"),
+        "{served:?}"
+    );
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/dashboards/refold.json"
+    );
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut exprs = Vec::new();
+    fn collect(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(e)) = m.get("expr") {
+                    out.push(e.clone());
+                }
+                m.values().for_each(|v| collect(v, out));
+            }
+            Value::Array(a) => a.iter().for_each(|v| collect(v, out)),
+            _ => {}
+        }
+    }
+    collect(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let mut named = 0;
+    for expr in &exprs {
+        // Names are `refold_…` words outside label matchers and strings.
+        let mut bare = String::new();
+        let mut depth = 0;
+        let mut quoted = false;
+        for c in expr.chars() {
+            match c {
+                '"' => quoted = !quoted,
+                '{' if !quoted => depth += 1,
+                '}' if !quoted => depth -= 1,
+                c if depth == 0 && !quoted => bare.push(c),
+                _ => {}
+            }
+        }
+        for word in bare.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("refold_") {
+                named += 1;
+                assert!(
+                    served.contains(word),
+                    "the dashboard queries {word}, which refold does not serve ({expr})"
+                );
+            }
+        }
+    }
+    assert!(named >= exprs.len(), "every query names a metric");
+}
+
 #[tokio::test]
 async fn readyz_names_an_unreachable_store_while_healthz_stays_up() {
     let dir = tempfile::tempdir().unwrap();
