@@ -613,3 +613,46 @@ async fn schemathesis_finds_no_server_error_and_no_response_outside_the_schema()
     );
     p.terminate();
 }
+
+#[tokio::test]
+async fn the_command_line_presents_its_api_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let keys = format!("append,read:{APPENDER};read:{READER}");
+    let mut p = common::Proc::serve(
+        &["--data-dir", data.to_str().unwrap(), "--api-keys", &keys],
+        dir.path(),
+    )
+    .await;
+    let cli = |args: &[&str], key: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_refold"));
+        cmd.args(args)
+            .args(["--url", &p.base])
+            .env_remove("REFOLD_API_KEY");
+        if let Some(k) = key {
+            cmd.env("REFOLD_API_KEY", k);
+        }
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, out) = cli(&["status"], None);
+    assert!(!ok && out.contains("API key"), "{out}");
+    let (ok, out) = cli(&["status"], Some(READER));
+    assert!(ok && out.contains("post_stats"), "{out}");
+    let (ok, out) = cli(&["demo", "--events", "50"], Some(READER));
+    assert!(
+        !ok && out.contains("append"),
+        "a read key cannot append: {out}"
+    );
+    let (ok, out) = cli(&["demo", "--events", "50"], Some(APPENDER));
+    assert!(ok, "{out}");
+    let (ok, out) = cli(&["replay", "post_stats", "--no-wait"], Some(APPENDER));
+    assert!(!ok && out.contains("admin"), "{out}");
+    assert!(!out.contains(APPENDER) && !p.log().contains(APPENDER));
+    p.terminate();
+}
