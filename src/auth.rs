@@ -108,6 +108,11 @@ impl ApiKeys {
                     "api_keys entry {n}: keys are printable ASCII without spaces (they travel in a header)"
                 ));
             }
+            if keys.iter().any(|k: &Key| k.secret == secret.as_bytes()) {
+                return Err(format!(
+                    "api_keys entry {n} repeats an earlier key: give each key all its scopes in one entry"
+                ));
+            }
             keys.push(Key {
                 secret: secret.as_bytes().to_vec(),
                 scopes,
@@ -151,13 +156,14 @@ impl ApiKeys {
 
 /// The key a request presents, if any.
 fn presented(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(v) = headers.get(axum::http::header::AUTHORIZATION) {
-        let v = v.as_bytes();
-        let scheme = b"bearer ";
-        return (v.len() > scheme.len() && v[..scheme.len()].eq_ignore_ascii_case(scheme))
-            .then(|| v[scheme.len()..].trim_ascii());
-    }
-    headers.get("x-api-key").map(|v| v.as_bytes().trim_ascii())
+    let scheme = b"bearer ";
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .filter(|v| v.len() > scheme.len() && v[..scheme.len()].eq_ignore_ascii_case(scheme))
+        .map(|v| v[scheme.len()..].trim_ascii());
+    // Another scheme (say Basic, added by a proxy) does not hide X-API-Key.
+    bearer.or_else(|| headers.get("x-api-key").map(|v| v.as_bytes().trim_ascii()))
 }
 
 /// Equality in time that depends on `given`'s length only.
@@ -222,6 +228,10 @@ mod tests {
             )
             .is_err()
         );
+        // A Basic header (say from a proxy) does not hide X-API-Key.
+        let mut both = headers("x-api-key", K1);
+        both.insert("authorization", HeaderValue::from_static("Basic dTpw"));
+        assert!(keys.check(&both, Some(Scope::Read)).is_ok());
         assert!(keys.check(&HeaderMap::new(), None).is_ok(), "open route");
         assert!(
             ApiKeys::default()
@@ -238,6 +248,10 @@ mod tests {
             ("write:0123456789abcdefgh", "unknown scope \"write\""),
             ("read:short", "at least 16"),
             ("read:0123456789 abcdefgh", "printable ASCII"),
+            (
+                "read:0123456789abcdefgh;append:0123456789abcdefgh",
+                "repeats",
+            ),
         ] {
             let err = ApiKeys::parse(spec).unwrap_err();
             assert!(err.contains(says), "{spec}: {err}");

@@ -345,14 +345,15 @@ fn bench(file: Option<&Path>, args: BenchArgs) -> anyhow::Result<()> {
                 config.kafka_brokers.as_deref().unwrap_or("?")
             ),
         },
-        config
-            .redis_url
-            .as_deref()
-            .map_or("embedded".into(), |u| format!("Redis at {u}")),
+        config.redis_url.as_deref().map_or("embedded".into(), |u| {
+            format!("Redis at {}", crate::config::redact_url(u))
+        }),
         config
             .elasticsearch_url
             .as_deref()
-            .map_or("embedded".into(), |u| format!("Elasticsearch API at {u}")),
+            .map_or("embedded".into(), |u| {
+                format!("Elasticsearch API at {}", crate::config::redact_url(u))
+            }),
     );
     let table = format!(
         "{backends}; {} events; {} cores; {}\n\n{}",

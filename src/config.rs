@@ -115,10 +115,20 @@ pub struct Settings {
     #[arg(long, env = "REFOLD_KAFKA_BROKERS", value_name = "LIST")]
     pub kafka_brokers: Option<String>,
     /// Redis for Redis projections; absent: the embedded stand-in
-    #[arg(long, env = "REFOLD_REDIS_URL", value_name = "URL")]
+    #[arg(
+        long,
+        env = "REFOLD_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub redis_url: Option<String>,
     /// Elasticsearch for document projections; absent: the embedded stand-in
-    #[arg(long, env = "REFOLD_ELASTICSEARCH_URL", value_name = "URL")]
+    #[arg(
+        long,
+        env = "REFOLD_ELASTICSEARCH_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub elasticsearch_url: Option<String>,
     /// Prefix of every topic name [default: refold.]
     #[arg(long, env = "REFOLD_TOPIC_PREFIX", value_name = "PREFIX")]
@@ -166,7 +176,8 @@ pub struct Settings {
     #[arg(long, env = "REFOLD_STREAM_HISTORY", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub stream_history: Option<bool>,
     /// librdkafka properties for every Kafka client, `key=value` pairs separated
-    /// by `;` (TLS, SASL: `security.protocol=SASL_SSL;sasl.mechanism=SCRAM-SHA-512;…`)
+    /// by `;` (`\;` inside a value); TLS, SASL:
+    /// `security.protocol=SASL_SSL;sasl.mechanism=SCRAM-SHA-512;…`
     #[arg(
         long,
         env = "REFOLD_KAFKA_PROPERTIES",
@@ -331,20 +342,60 @@ pub struct EsAuth {
     pub ca_cert: Option<PathBuf>,
 }
 
-/// Settings refold makes itself: the write path's guarantees (I1) depend on them.
-const KAFKA_OWN_PROPERTIES: [&str; 4] = [
+/// Settings refold makes itself (with librdkafka's aliases): the write path's
+/// guarantees (I1) depend on them.
+const KAFKA_OWN_PROPERTIES: [&str; 6] = [
     "bootstrap.servers",
+    "metadata.broker.list",
     "acks",
+    "request.required.acks",
     "enable.idempotence",
     "group.id",
 ];
 
+/// A URL fit for messages: any user and password replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Whether a librdkafka property holds a secret (its value is never shown).
+pub fn secret_property(key: &str) -> bool {
+    [
+        "password",
+        "secret",
+        "jaas",
+        "token",
+        "key.pem",
+        "certificate.pem",
+    ]
+    .iter()
+    .any(|s| key.contains(s))
+}
+
 /// Parses `key=value;key=value` librdkafka properties.
 pub fn kafka_properties(spec: &str) -> anyhow::Result<Vec<(String, Secret)>> {
     let mut out = Vec::new();
-    for (i, pair) in spec
-        .split(';')
-        .map(str::trim)
+    // `\;` is a `;` inside a value (a password may hold one).
+    let mut pairs = vec![String::new()];
+    let mut chars = spec.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek() == Some(&';') => {
+                pairs.last_mut().expect("one").push(';');
+                chars.next();
+            }
+            ';' => pairs.push(String::new()),
+            c => pairs.last_mut().expect("one").push(c),
+        }
+    }
+    for (i, pair) in pairs
+        .iter()
+        .map(|p| p.trim())
         .filter(|p| !p.is_empty())
         .enumerate()
     {
@@ -502,6 +553,43 @@ mod tests {
             checked += 1;
         }
         assert!(checked >= 20, "only {checked} settings found");
+    }
+
+    #[test]
+    fn urls_are_shown_without_passwords() {
+        assert_eq!(
+            redact_url("rediss://:secret@host:6379/0"),
+            "rediss://***@host:6379/0"
+        );
+        assert_eq!(
+            redact_url("https://user:secret@es:9200"),
+            "https://***@es:9200"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379/"),
+            "redis://127.0.0.1:6379/"
+        );
+    }
+
+    #[test]
+    fn kafka_properties_parse_with_escapes_and_refuse_refolds_own() {
+        let p = kafka_properties(r"security.protocol=SASL_SSL; sasl.password=a\;b=c ;").unwrap();
+        assert_eq!(
+            p[0],
+            ("security.protocol".into(), Secret("SASL_SSL".into()))
+        );
+        assert_eq!(p[1], ("sasl.password".into(), Secret("a;b=c".into())));
+        assert_eq!(p.len(), 2);
+        for own in [
+            "acks=1",
+            "request.required.acks=1",
+            "metadata.broker.list=x:1",
+        ] {
+            let err = kafka_properties(own).unwrap_err().to_string();
+            assert!(err.contains("refold sets it"), "{own}: {err}");
+        }
+        assert!(kafka_properties("novalue").is_err());
+        assert!(secret_property("sasl.password") && !secret_property("security.protocol"));
     }
 
     #[test]

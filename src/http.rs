@@ -1,7 +1,6 @@
 //! The HTTP API (axum): ingest, read side ([`crate::query`]) and operations. `app(state)` is the whole router,
 //! so tests drive it with `oneshot` exactly as a socket would.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -155,46 +154,54 @@ pub fn openapi_document() -> Value {
 
 pub fn app(state: AppState) -> Router {
     let mut router = Router::new();
-    let mut scopes: HashMap<(Method, &'static str), Option<Scope>> = HashMap::new();
     for e in endpoints() {
-        scopes.insert((e.method.clone(), e.path), e.scope);
-        router = router.route(e.path, e.handler);
+        // The scope check wraps the handler itself, so every method the handler
+        // answers (HEAD with GET) needs the key; methods the table does not list
+        // are 405 before any handler runs.
+        let keys = state.keys.clone();
+        let scope = e.scope;
+        let handler =
+            e.handler
+                .route_layer(middleware::from_fn(move |req: Request, next: Next| {
+                    let keys = keys.clone();
+                    async move {
+                        match keys.check(req.headers(), scope) {
+                            Ok(()) => next.run(req).await,
+                            Err(e) => e.into_response(),
+                        }
+                    }
+                }));
+        router = router.route(e.path, handler);
     }
-    let scopes = Arc::new(scopes);
     router
         .fallback(|| async {
             ApiError::NotFound("no such endpoint; see GET /openapi.json or the README".into())
         })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            move |s: State<AppState>, req: Request, next: Next| guard(s, scopes.clone(), req, next),
-        ))
+        .layer(middleware::from_fn_with_state(state.clone(), count))
         .with_state(state)
 }
 
-/// Admits the request by its API key, then counts its answer.
-async fn guard(
-    State(s): State<AppState>,
-    scopes: Arc<HashMap<(Method, &'static str), Option<Scope>>>,
-    req: Request,
-    next: Next,
-) -> Response {
+/// Counts every answer by method, route template and status.
+async fn count(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_owned());
-    let method = req.method().clone();
-    let scope = route
-        .as_deref()
-        .and_then(|r| scopes.get(&(method.clone(), r)).copied())
-        .flatten();
-    let resp = match s.keys.check(req.headers(), scope) {
-        Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
+    // A fixed set: methods are client input, labels must stay bounded.
+    let method = match *req.method() {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
     };
+    let resp = next.run(req).await;
     s.metrics.http_request(
-        method.as_str(),
+        method,
         route.as_deref().unwrap_or("unmatched"),
         resp.status().as_u16(),
     );
@@ -221,19 +228,28 @@ async fn readyz(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({"status": "ready"})))
 }
 
+/// How long a scrape waits for the projections' positions (the log's end
+/// offsets); past it, the scrape answers without the projection gauges.
+const SCRAPE_STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 async fn metrics(State(s): State<AppState>) -> Response {
-    let (bytes, capacity, requests) = s.writer.queue();
-    s.metrics.write_queue(bytes, capacity, requests);
-    let mut statuses = Vec::new();
-    for p in s.engine.all() {
-        statuses.push(p.status().await);
+    let statuses = tokio::time::timeout(SCRAPE_STATUS_TIMEOUT, async {
+        let mut out = Vec::new();
+        for p in s.engine.all() {
+            out.push(p.status().await);
+        }
+        out
+    })
+    .await;
+    if statuses.is_err() {
+        tracing::warn!(
+            "metrics: projection status took over 3 s (is the log slow?); scraped without projection gauges"
+        );
     }
-    s.metrics.projections(&statuses);
-    (
-        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-        s.metrics.render(),
-    )
-        .into_response()
+    let body = s
+        .metrics
+        .scrape(s.writer.queue(), statuses.as_deref().unwrap_or(&[]));
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
 async fn openapi_json() -> Json<Value> {

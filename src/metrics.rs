@@ -62,6 +62,7 @@ fn reg<M: Metric + TypedMetric>(
 pub struct Metrics {
     registry: Registry,
     names: Vec<String>,
+    scraping: std::sync::Mutex<()>,
     http_requests: Family<Labels<3>, Counter>,
     ingest_requests: Family<Labels<2>, Counter>,
     ingest_events: Family<Labels<1>, Counter>,
@@ -121,6 +122,7 @@ impl Metrics {
             state: Family::default(),
             registry: Registry::default(),
             names: Vec::new(),
+            scraping: std::sync::Mutex::new(()),
         };
         reg(
             &mut r,
@@ -305,11 +307,17 @@ impl Metrics {
         }
     }
 
-    /// The write path's queue, read at scrape time.
-    pub fn write_queue(&self, bytes: u64, capacity: u64, requests: u64) {
+    /// The exposition, with the scrape-time gauges set from the write path's
+    /// queue `(bytes, capacity, requests)` and the projections' status objects
+    /// (one scrape at a time, so none renders another's half-set gauges).
+    pub fn scrape(&self, queue: (u64, u64, u64), statuses: &[Value]) -> String {
+        let _one = self.scraping.lock().unwrap_or_else(|e| e.into_inner());
+        let (bytes, capacity, requests) = queue;
         self.write_queue_bytes.set(bytes as i64);
         self.write_queue_capacity.set(capacity as i64);
         self.write_queue_requests.set(requests as i64);
+        self.projections(statuses);
+        self.render()
     }
 
     /// One durable log append of `events` events.
@@ -336,7 +344,7 @@ impl Metrics {
 
     /// The state gauges of every projection, from the status objects of
     /// `GET /projections` (read at scrape time; absent projections vanish).
-    pub fn projections(&self, statuses: &[Value]) {
+    fn projections(&self, statuses: &[Value]) {
         for f in [&self.position, &self.lag, &self.state] {
             f.clear();
         }
@@ -376,7 +384,7 @@ impl Metrics {
     }
 
     /// The exposition text.
-    pub fn render(&self) -> String {
+    fn render(&self) -> String {
         let mut out = String::with_capacity(16 << 10);
         if encode(&mut out, &self.registry).is_err() {
             // Writing to a String cannot fail; keep the exposition well formed.
@@ -414,12 +422,14 @@ mod tests {
             },
         );
         m.projection_commit("post_stats", "redis", 40, Duration::from_millis(2));
-        m.projections(&[json!({
-            "name": "post_stats", "state": "replaying", "events_per_sec": 12.5,
-            "partitions": [{"partition": 0, "position": 7, "lag": 3}],
-            "dead_letters": {"count": 1}, "replay": {"progress": 0.25},
-        })]);
-        let text = m.render();
+        let text = m.scrape(
+            (1024, 4096, 1),
+            &[json!({
+                "name": "post_stats", "state": "replaying", "events_per_sec": 12.5,
+                "partitions": [{"partition": 0, "position": 7, "lag": 3}],
+                "dead_letters": {"count": 1}, "replay": {"progress": 0.25},
+            })],
+        );
         for line in [
             r#"refold_http_requests_total{method="GET",route="/healthz",status="200"} 1"#,
             r#"refold_ingest_requests_total{endpoint="stream",outcome="created"} 1"#,
@@ -433,6 +443,10 @@ mod tests {
             r#"refold_projection_replay_progress{projection="post_stats"} 0.25"#,
             r#"refold_projection_state{projection="post_stats",state="replaying"} 1"#,
             r#"refold_projection_dead_letters{projection="post_stats"} 1"#,
+            r#"refold_projection_events_per_second{projection="post_stats"} 12.5"#,
+            "refold_write_queue_bytes 1024",
+            "refold_write_queue_capacity_bytes 4096",
+            "refold_write_queue_requests 1",
         ] {
             assert!(text.contains(line), "missing {line} in:\n{text}");
         }
@@ -443,7 +457,7 @@ mod tests {
             assert!(m.names().iter().any(|n| n == name), "{name} not in names()");
         }
         // A projection gone from the status is gone from the scrape.
-        m.projections(&[]);
-        assert!(!m.render().contains("refold_projection_state{"));
+        let text = m.scrape((0, 4096, 0), &[]);
+        assert!(!text.contains("refold_projection_state{"), "{text}");
     }
 }

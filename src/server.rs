@@ -9,7 +9,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -131,52 +130,74 @@ pub fn writer_config(config: &Config, metrics: Arc<Metrics>) -> WriterConfig {
     }
 }
 
-/// How long `GET /readyz` waits for the backends.
-const READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `GET /readyz` waits for each backend to answer.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a readiness answer is reused: probes, however many, cost the
+/// backends one check per interval.
+const READY_REUSE: Duration = Duration::from_secs(1);
 
-/// Readiness of the log: reachable, migrations applied (checked until they are,
-/// then remembered), and every projection's store answering.
+/// Readiness of the backends: the log answers and is migrated, every
+/// projection's store answers. One check runs at a time; its answer serves the
+/// probes of the next second.
 struct LogReadiness {
     log: Arc<dyn EventLog>,
     migrations: Vec<migrate::Migration>,
     prefix: String,
-    migrated: AtomicBool,
+    last: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
+}
+
+/// `check`, or an error naming `what` when it takes longer than [`READY_TIMEOUT`].
+async fn within<E: std::fmt::Display>(
+    what: &str,
+    check: impl Future<Output = Result<(), E>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(READY_TIMEOUT, check).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!(
+            "{what}: no answer within {} s",
+            READY_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+impl LogReadiness {
+    async fn check(&self, engine: &Engine) -> Result<(), String> {
+        let log = self.log.backend();
+        within(
+            &format!("the {log} log is not migrated"),
+            migrate::check(&*self.log, &self.migrations, &self.prefix),
+        )
+        .await?;
+        let events = format!("{}{}", self.prefix, migrate::EVENTS);
+        within(&format!("the {log} log does not answer"), async {
+            self.log.end_offsets(&events).await.map(|_| ())
+        })
+        .await?;
+        for p in engine.all() {
+            let what = format!(
+                "the {} store of projection {} does not answer",
+                p.store().backend(),
+                p.name
+            );
+            within(&what, async { p.store().meta(&p.name).await.map(|_| ()) }).await?;
+        }
+        Ok(())
+    }
 }
 
 #[async_trait::async_trait]
 impl Backends for LogReadiness {
     async fn ready(&self, engine: &Engine) -> Result<(), String> {
-        let check = async {
-            if !self.migrated.load(Ordering::Relaxed) {
-                migrate::check(&*self.log, &self.migrations, &self.prefix)
-                    .await
-                    .map_err(|e| format!("{e:#}"))?;
-                self.migrated.store(true, Ordering::Relaxed);
-            }
-            let events = format!("{}{}", self.prefix, migrate::EVENTS);
-            self.log
-                .end_offsets(&events)
-                .await
-                .map_err(|e| format!("the {} log does not answer: {e}", self.log.backend()))?;
-            for p in engine.all() {
-                p.store().meta(&p.name).await.map_err(|e| {
-                    format!(
-                        "the {} store of projection {} does not answer: {e}",
-                        p.store().backend(),
-                        p.name
-                    )
-                })?;
-            }
-            Ok(())
-        };
-        tokio::time::timeout(READY_TIMEOUT, check)
-            .await
-            .map_err(|_| {
-                format!(
-                    "the backends did not answer within {} s",
-                    READY_TIMEOUT.as_secs()
-                )
-            })?
+        let mut last = self.last.lock().await;
+        if let Some((at, answer)) = &*last
+            && at.elapsed() < READY_REUSE
+        {
+            return answer.clone();
+        }
+        let answer = self.check(engine).await;
+        *last = Some((std::time::Instant::now(), answer.clone()));
+        answer
     }
 }
 
@@ -233,7 +254,7 @@ impl Refold {
             log: log.clone(),
             migrations,
             prefix: config.topic_prefix.clone(),
-            migrated: AtomicBool::new(false),
+            last: tokio::sync::Mutex::new(None),
         };
         Ok(Refold {
             state: AppState {
@@ -267,6 +288,9 @@ pub async fn run(
     let refold = Refold::start(config, open_log(config)?).await?;
     let addr = listener.local_addr()?;
     info!(%addr, log = refold.log.backend(), "refold listening");
+    if config.api_keys.is_open() && !addr.ip().is_loopback() {
+        warn!(%addr, "the API is open to anyone who can reach this address: set api_keys (REFOLD_API_KEYS) to require keys");
+    }
     axum::serve(listener, app(refold.state.clone()))
         .with_graceful_shutdown(shutdown)
         .await

@@ -316,8 +316,20 @@ async fn kafka_properties_reach_librdkafka() {
     .expect("refused")
     .to_string();
     assert!(err.contains("no.such.property"), "{err}");
-    // TLS towards the plaintext broker of the suite: nothing gets through.
-    let dir = tempfile::tempdir().unwrap();
+    // The same start without the properties works (the control)...
+    let config = common::kafka_config(&common::unique("kprops"));
+    let log = KafkaLog::with_properties(
+        config.kafka_brokers.as_deref().unwrap(),
+        &config.kafka_properties,
+        config.kafka_timeout,
+    )
+    .unwrap();
+    Refold::start(&config, Arc::new(log))
+        .await
+        .unwrap()
+        .stop()
+        .await;
+    // ...and TLS towards the suite's plaintext broker gets nowhere.
     let mut config = common::kafka_config(&common::unique("kprops"));
     config.kafka_properties = prop("security.protocol", "SSL");
     config.kafka_timeout = Duration::from_secs(2);
@@ -340,7 +352,6 @@ async fn kafka_properties_reach_librdkafka() {
             .expect("no start over TLS against a plaintext broker")
     );
     assert!(err.contains("kafka_properties"), "{err}");
-    drop(dir);
     // The config refuses the properties the write path's guarantees rest on.
     for own in [
         "acks=1",
@@ -354,21 +365,17 @@ async fn kafka_properties_reach_librdkafka() {
     }
 }
 
-#[tokio::test]
-async fn secrets_stay_out_of_logs_errors_and_help() {
+/// Runs `refold serve` with `args` and `envs` until it exits (each run here
+/// fails at start); its stdout and stderr.
+fn serve_fails(args: &[&str], envs: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let keys = "admin:api-key-secret-4f1b2c3d";
     let out = Command::new(env!("CARGO_BIN_EXE_refold"))
         .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
         .args(["--data-dir", dir.path().join("d").to_str().unwrap()])
-        .args(["--redis-url", "redis://:redis-secret-9a8b7c@127.0.0.1:1/"])
-        .env("REFOLD_API_KEYS", keys)
-        .env("REFOLD_ELASTICSEARCH_PASSWORD", "es-secret-1a2b3c")
-        .env("REFOLD_ELASTICSEARCH_USERNAME", "u")
-        .env(
-            "REFOLD_KAFKA_PROPERTIES",
-            "sasl.password=kafka-secret-5d6e7f",
-        )
+        .args(["--migrations", common::migrations_dir().to_str().unwrap()])
+        .args(args)
+        .envs(envs.iter().copied())
+        .env("REFOLD_API_KEYS", "admin:api-key-secret-4f1b2c3d")
         .env("RUST_LOG", "debug")
         .env_remove("REFOLD_CONFIG")
         .output()
@@ -378,33 +385,91 @@ async fn secrets_stay_out_of_logs_errors_and_help() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(!out.status.success(), "expected a failed start: {all}");
     assert!(
-        !out.status.success(),
-        "Redis on port 1 cannot be reached: {all}"
+        !all.contains("api-key-secret-4f1b2c3d"),
+        "the API key leaked:\n{all}"
     );
-    assert!(all.contains("Redis"), "{all}");
-    for secret in [
-        "api-key-secret-4f1b2c3d",
-        "redis-secret-9a8b7c",
-        "es-secret-1a2b3c",
-        "kafka-secret-5d6e7f",
-    ] {
-        assert!(!all.contains(secret), "{secret} in the output:\n{all}");
+    all
+}
+
+#[tokio::test]
+async fn secrets_stay_out_of_logs_errors_and_help() {
+    // A Redis that cannot be reached, its password in the URL.
+    let out = serve_fails(
+        &["--redis-url", "redis://:redis-secret-9a8b7c@127.0.0.1:1/"],
+        &[],
+    );
+    assert!(
+        out.contains("Redis") && !out.contains("redis-secret-9a8b7c"),
+        "{out}"
+    );
+    // An Elasticsearch that cannot be reached, with credentials in the URL and
+    // in the settings.
+    let out = serve_fails(
+        &[
+            "--elasticsearch-url",
+            "http://u:es-url-secret-77aa@127.0.0.1:1",
+        ],
+        &[
+            ("REFOLD_ELASTICSEARCH_USERNAME", "u"),
+            ("REFOLD_ELASTICSEARCH_PASSWORD", "es-secret-1a2b3c"),
+        ],
+    );
+    assert!(out.contains("Elasticsearch"), "{out}");
+    for secret in ["es-url-secret-77aa", "es-secret-1a2b3c"] {
+        assert!(!out.contains(secret), "{secret} leaked:\n{out}");
     }
-    // --help shows the settings but not the values the environment holds.
+    // A mistyped Kafka property holding a secret: librdkafka refuses it, and
+    // rdkafka's own message would quote the value.
+    let brokers = common::kafka_brokers();
+    let out = serve_fails(
+        &["--log", "kafka", "--kafka-brokers", &brokers],
+        &[(
+            "REFOLD_KAFKA_PROPERTIES",
+            "sasl.pasword=kafka-secret-5d6e7f",
+        )],
+    );
+    assert!(out.contains("sasl.pasword"), "names the property: {out}");
+    assert!(
+        !out.contains("kafka-secret-5d6e7f"),
+        "the value leaked:\n{out}"
+    );
+
+    // --help shows the settings but none of the values the environment holds.
     let help = Command::new(env!("CARGO_BIN_EXE_refold"))
         .args(["serve", "--help"])
-        .env("REFOLD_API_KEYS", keys)
+        .env("REFOLD_API_KEYS", "admin:api-key-secret-4f1b2c3d")
         .env("REFOLD_ELASTICSEARCH_PASSWORD", "es-secret-1a2b3c")
+        .env("REFOLD_ELASTICSEARCH_API_KEY", "es-key-secret-3e3e")
+        .env(
+            "REFOLD_ELASTICSEARCH_URL",
+            "https://u:es-url-secret-77aa@es:9200",
+        )
+        .env("REFOLD_REDIS_URL", "rediss://:redis-secret-9a8b7c@r:6379/")
+        .env(
+            "REFOLD_KAFKA_PROPERTIES",
+            "sasl.password=kafka-secret-5d6e7f",
+        )
         .output()
         .unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
-    assert!(
-        help.contains("--api-keys") && help.contains("--elasticsearch-password"),
-        "{help}"
-    );
-    assert!(
-        !help.contains("api-key-secret") && !help.contains("es-secret"),
-        "{help}"
-    );
+    for flag in [
+        "--api-keys",
+        "--elasticsearch-password",
+        "--kafka-properties",
+        "--redis-url",
+    ] {
+        assert!(help.contains(flag), "{flag} in --help");
+    }
+    for secret in [
+        "api-key-secret",
+        "es-secret",
+        "es-key-secret",
+        "es-url-secret",
+        "redis-secret",
+        "kafka-secret",
+    ] {
+        assert!(!help.contains(secret), "{secret} in --help:\n{help}");
+    }
 }

@@ -67,6 +67,21 @@ fn kafka_err(e: KafkaError) -> LogError {
 /// record even when it is larger.
 const READER_PREFETCH_KIB: u32 = 1024;
 
+/// A client creation error, without the values of secret properties: rdkafka's
+/// own message for a refused property quotes its value.
+fn config_error(e: KafkaError, properties: &[(String, Secret)]) -> String {
+    let mut text = match &e {
+        KafkaError::ClientConfig(_, desc, key, _) => format!("property {key}: {desc}"),
+        e => e.to_string(),
+    };
+    for (k, v) in properties {
+        if !v.0.is_empty() && crate::config::secret_property(k) {
+            text = text.replace(&v.0, "***");
+        }
+    }
+    text
+}
+
 /// `bootstrap.servers` and the configured librdkafka properties: where every
 /// client starts (also used bare by `refold bench`).
 pub fn base_config(brokers: &str, properties: &[(String, Secret)]) -> ClientConfig {
@@ -131,11 +146,18 @@ impl KafkaLog {
         timeout: Duration,
     ) -> anyhow::Result<Self> {
         let base = base_config(brokers, properties);
-        let producer = new_producer(&base, timeout)
-            .map_err(|e| anyhow::anyhow!("cannot create Kafka producer for {brokers}: {e}"))?;
-        let admin = base
-            .create()
-            .map_err(|e| anyhow::anyhow!("cannot create Kafka admin client for {brokers}: {e}"))?;
+        let producer = new_producer(&base, timeout).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create Kafka producer for {brokers}: {}",
+                config_error(e, properties)
+            )
+        })?;
+        let admin = base.create().map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create Kafka admin client for {brokers}: {}",
+                config_error(e, properties)
+            )
+        })?;
         Ok(Self {
             brokers: brokers.to_owned(),
             base,

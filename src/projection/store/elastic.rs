@@ -122,7 +122,7 @@ impl ElasticStore {
         namespace: &str,
         specs: Specs,
     ) -> anyhow::Result<Self> {
-        let shown = redact(url);
+        let shown = crate::config::redact_url(url);
         let parsed =
             Url::parse(url).with_context(|| format!("invalid Elasticsearch URL `{shown}`"))?;
         let mut builder = TransportBuilder::new(SingleNodeConnectionPool::new(parsed));
@@ -739,16 +739,6 @@ fn describe(e: &elasticsearch::Error) -> String {
 }
 
 /// `url` without the password, for messages.
-fn redact(url: &str) -> String {
-    match Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_owned(),
-    }
-}
-
 /// A stored document and the version it was read at.
 #[derive(Debug, Clone)]
 struct Stored {

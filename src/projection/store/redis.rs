@@ -66,7 +66,7 @@ pub struct RedisStore {
 impl RedisStore {
     /// Connects (and PINGs) so a wrong URL fails at start with a clear message.
     pub async fn connect(url: &str, namespace: &str) -> StoreResult<Self> {
-        let shown = redact(url);
+        let shown = crate::config::redact_url(url);
         let client = Client::open(url)
             .map_err(|e| StoreError::Other(format!("invalid Redis URL `{shown}`: {e}")))?;
         let link = Link::new(client.clone());
@@ -707,15 +707,6 @@ fn glob_escape(s: &str) -> String {
 }
 
 /// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***{}", &url[..scheme], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -731,14 +722,5 @@ mod tests {
         );
         assert_eq!(k1.pattern(), "a\\*.p:1:*");
         assert_eq!(k1.doc("x:y"), "a*.p:1:doc:x:y");
-    }
-
-    #[test]
-    fn urls_are_shown_without_passwords() {
-        assert_eq!(
-            redact("redis://:secret@host:6379/0"),
-            "redis://***@host:6379/0"
-        );
-        assert_eq!(redact("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
     }
 }
