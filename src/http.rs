@@ -252,9 +252,10 @@ async fn metrics(State(s): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
-async fn openapi_json() -> Json<Value> {
-    static DOC: std::sync::LazyLock<Value> = std::sync::LazyLock::new(openapi_document);
-    Json(DOC.clone())
+async fn openapi_json() -> Response {
+    static DOC: std::sync::LazyLock<Bytes> =
+        std::sync::LazyLock::new(|| Bytes::from(openapi_document().to_string()));
+    ([(header::CONTENT_TYPE, "application/json")], DOC.clone()).into_response()
 }
 
 /// Reserves write-path room for the body, then reads it within the limit.

@@ -7,17 +7,13 @@ mod common;
 use std::collections::BTreeMap;
 
 use axum::Router;
-use axum::body::Body;
-use axum::http::Request;
 use common::{Resp, TcpGate, call, embedded_config, eventually, post_json, redis_url};
-use http_body_util::BodyExt;
 use refold::auth::{ApiKeys, Scope};
 use refold::config::Config;
 use refold::http::{app, endpoints};
 use refold::log::embedded::EmbeddedLog;
 use refold::server::Refold;
 use serde_json::{Value, json};
-use tower::ServiceExt;
 
 const APPENDER: &str = "appender-key-0123456789";
 const READER: &str = "reader-key-0123456789";
@@ -31,29 +27,11 @@ async fn start(config: &Config, dir: &std::path::Path) -> (Refold, Router) {
     (refold, app)
 }
 
-/// Sends a request with `headers`.
+/// Sends a JSON request with `headers`.
 async fn send(app: &Router, method: &str, uri: &str, headers: &[(&str, &str)], body: &str) -> Resp {
-    let mut req = Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("content-type", "application/json");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = app
-        .clone()
-        .oneshot(req.body(Body::from(body.to_owned())).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    Resp {
-        status,
-        headers,
-        body: serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into())),
-    }
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    common::call_with(app, method, uri, &all, body.to_owned()).await
 }
 
 /// A concrete URI for a route template.
@@ -343,6 +321,13 @@ async fn metrics_count_ingest_by_outcome_and_show_each_projection_caught_up() {
             &format!(r#"refold_projection_commits_total{{projection="{p}"}}"#),
         );
         assert!(commits >= 1.0);
+        assert!(
+            metric(
+                &m,
+                &format!(r#"refold_projection_events_per_second{{projection="{p}"}}"#)
+            ) > 0.0,
+            "{p} folded just now"
+        );
         assert_eq!(
             metric(
                 &m,

@@ -170,12 +170,22 @@ pub async fn call(
     content_type: &str,
     body: impl Into<Body>,
 ) -> Resp {
-    let req = Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("content-type", content_type)
-        .body(body.into())
-        .unwrap();
+    call_with(app, method, uri, &[("content-type", content_type)], body).await
+}
+
+/// [`call`] with any headers.
+pub async fn call_with(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Body>,
+) -> Resp {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(body.into()).unwrap();
     let resp = app.clone().oneshot(req).await.unwrap();
     let status = resp.status();
     let headers = resp.headers().clone();
