@@ -34,6 +34,21 @@ async fn send(app: &Router, method: &str, uri: &str, headers: &[(&str, &str)], b
     common::call_with(app, method, uri, &all, body.to_owned()).await
 }
 
+/// Every string value of a `key` anywhere in `v`.
+fn strings_under(v: &Value, key: &str) -> Vec<String> {
+    match v {
+        Value::Object(m) => m
+            .get(key)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .into_iter()
+            .chain(m.values().flat_map(|v| strings_under(v, key)))
+            .collect(),
+        Value::Array(a) => a.iter().flat_map(|v| strings_under(v, key)).collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// A concrete URI for a route template.
 fn concrete(path: &str) -> String {
     path.replace("{stream}", "post-1")
@@ -373,20 +388,7 @@ fn the_grafana_dashboard_queries_only_metrics_refold_serves() {
         "/deploy/grafana/dashboards/refold.json"
     );
     let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let mut exprs = Vec::new();
-    fn collect(v: &Value, out: &mut Vec<String>) {
-        match v {
-            Value::Object(m) => {
-                if let Some(Value::String(e)) = m.get("expr") {
-                    out.push(e.clone());
-                }
-                m.values().for_each(|v| collect(v, out));
-            }
-            Value::Array(a) => a.iter().for_each(|v| collect(v, out)),
-            _ => {}
-        }
-    }
-    collect(&dashboard, &mut exprs);
+    let exprs = strings_under(&dashboard, "expr");
     assert!(exprs.len() >= 10, "{exprs:?}");
     let mut named = 0;
     for expr in &exprs {
@@ -506,20 +508,7 @@ async fn the_openapi_document_is_the_router() {
         "every endpoint is documented once"
     );
     // Every reference resolves.
-    fn refs(v: &Value, out: &mut Vec<String>) {
-        match v {
-            Value::Object(m) => {
-                if let Some(Value::String(r)) = m.get("$ref") {
-                    out.push(r.clone());
-                }
-                m.values().for_each(|v| refs(v, out));
-            }
-            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
-            _ => {}
-        }
-    }
-    let mut all = Vec::new();
-    refs(&doc, &mut all);
+    let all = strings_under(&doc, "$ref");
     assert!(all.len() > 10);
     for r in all {
         let name = r
