@@ -82,6 +82,7 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
             pb.set_message("raw: bare rdkafka producer and consumer");
             let (p, c) = bare_kafka(
                 brokers,
+                &config.kafka_properties,
                 config.kafka_fetch_wait,
                 &config.topic("bench-bare"),
                 n,
@@ -516,18 +517,18 @@ async fn raw_log(log: &dyn EventLog, config: &Config, n: usize) -> anyhow::Resul
 /// Events/s of each.
 async fn bare_kafka(
     brokers: &str,
+    properties: &[(String, crate::config::Secret)],
     fetch_wait: Duration,
     topic: &str,
     n: usize,
 ) -> anyhow::Result<(f64, f64)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::producer::FutureRecord;
-    let log = crate::log::kafka::KafkaLog::new(brokers, Duration::from_secs(30))?;
+    let log =
+        crate::log::kafka::KafkaLog::with_properties(brokers, properties, Duration::from_secs(30))?;
     log.create_topic(&raw_topic(topic)).await?;
-    let producer = crate::log::kafka::new_producer(
-        &crate::log::kafka::base_config(brokers, &[]),
-        Duration::from_secs(30),
-    )?;
+    let base = crate::log::kafka::base_config(brokers, properties);
+    let producer = crate::log::kafka::new_producer(&base, Duration::from_secs(30))?;
     let value = vec![b'x'; RECORD_BYTES];
     let mut per_partition = [0usize; 3];
     let started = Instant::now();
@@ -555,19 +556,15 @@ async fn bare_kafka(
         sent += window;
     }
     let produced = rate(n, started);
-    let brokers = brokers.to_owned();
     let topic = topic.to_owned();
     let consumed = tokio::task::spawn_blocking(move || {
         let started = Instant::now();
         let readers: Vec<_> = (0..3)
             .map(|p| {
-                let (brokers, topic) = (brokers.clone(), topic.clone());
+                let (base, topic) = (base.clone(), topic.clone());
                 std::thread::spawn(move || {
-                    let consumer: BaseConsumer = crate::log::kafka::reader_config(
-                        &crate::log::kafka::base_config(&brokers, &[]),
-                        fetch_wait,
-                    )
-                    .create()?;
+                    let consumer: BaseConsumer =
+                        crate::log::kafka::reader_config(&base, fetch_wait).create()?;
                     let mut tpl = rdkafka::TopicPartitionList::new();
                     tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning)?;
                     consumer.assign(&tpl)?;
