@@ -523,6 +523,7 @@ async fn bare_kafka(
     n: usize,
 ) -> anyhow::Result<(f64, f64)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::FutureRecord;
     let log =
         crate::log::kafka::KafkaLog::with_properties(brokers, properties, Duration::from_secs(30))?;
@@ -539,9 +540,14 @@ async fn bare_kafka(
         for i in sent..sent + window {
             let (key, partition) = raw_record(i);
             per_partition[partition as usize] += 1;
+            // The shape of refold's records: a key, a 300 B value, a `type` header.
             let record = FutureRecord::to(topic)
                 .partition(partition as i32)
                 .key(&key)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "type",
+                    value: Some(b"Bench".as_slice()),
+                }))
                 .payload(&value);
             match producer.send_result(record) {
                 Ok(delivery) => pending.push(delivery),

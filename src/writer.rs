@@ -6,9 +6,14 @@
 //! task drains whatever is queued into one batch, decides every append against the
 //! heads (I3: checks are sequential, so of concurrent appends with the same
 //! `expected_version` exactly one wins), assigns gap-free versions (I2) and writes
-//! the whole batch with one durable [`EventLog::append`]. Replies go out only after
-//! the log confirmed the batch (I1): many requests share one fsync or one round of
-//! Kafka delivery reports.
+//! the whole batch with one [`EventLog::send`]. Replies go out only after the log
+//! confirmed the batch (I1): many requests share one fsync or one round of Kafka
+//! delivery reports. While a batch is in flight the next one is decided on top of
+//! it (its staged heads and ids) and sent too, so a log that keeps writes in
+//! flight (Kafka) is never idle waiting for the writer; the embedded log confirms
+//! within `send`. A batch is committed to the heads only once confirmed; if one
+//! fails, the batch planned on top of it fails with it (503) whatever its own
+//! delivery says, and both are covered by the tail re-read below.
 //!
 //! Idempotency (I4): the task remembers where the last `idempotency_window` events
 //! (all streams) landed. An append whose ids are all known, in its stream, at
@@ -39,7 +44,9 @@ use uuid::Uuid;
 
 use crate::error::ApiError;
 use crate::event::{AppendInput, Envelope, now_ms, rfc3339};
-use crate::log::{EventLog, LogError, ProduceRecord, Record, partition_for, scan};
+use crate::log::{
+    Delivery, EventLog, LogError, LogResult, ProduceRecord, Record, partition_for, scan,
+};
 use crate::metrics::Metrics;
 use crate::position::Position;
 
@@ -212,7 +219,21 @@ pub const MAX_RECORD_BYTES: usize = 1_000_000;
 #[derive(Debug, Clone, Copy)]
 enum At {
     Offset(u64),
+    /// A record of this batch.
     Record(usize),
+    /// A record of the batch before, still in flight when this one was planned.
+    Prior(usize),
+}
+
+/// A batch decided and handed to the log, waiting for its delivery.
+struct Batch {
+    staged: HashMap<Arc<str>, Head>,
+    pending: HashMap<Uuid, (Arc<str>, u64, usize)>,
+    plans: Vec<Vec<Plan>>,
+    replies: Vec<(oneshot::Sender<Vec<AppendResult>>, Ticket)>,
+    started: Instant,
+    /// The offsets of the batch it was planned on top of, once known.
+    prior_offsets: Vec<u64>,
 }
 
 /// The last `capacity` event ids written, across all streams, with where each
@@ -412,8 +433,22 @@ impl WriterLoop {
         let mut tick = tokio::time::interval(self.config.snapshot_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping = false;
+        // The batch handed to the log and not yet confirmed. The next batch is
+        // planned on top of it and handed to the log before it is confirmed
+        // (two in flight at most), so the log never waits for the writer.
+        let mut inflight: Option<(Batch, Delivery)> = None;
         loop {
             let first = tokio::select! {
+                biased;
+                done = async { inflight.as_mut().expect("guarded").1.as_mut().await },
+                    if inflight.is_some() => {
+                    let (batch, _) = inflight.take().expect("guarded");
+                    if self.finish(batch, done).is_none() {
+                        self.log.failed().await;
+                    }
+                    self.snapshot_if_due().await;
+                    continue;
+                }
                 job = rx.recv() => match job {
                     Some(job) => job,
                     None => break,
@@ -424,7 +459,7 @@ impl WriterLoop {
                     rx.close();
                     continue;
                 }
-                _ = tick.tick() => {
+                _ = tick.tick(), if inflight.is_none() => {
                     if self.failed_at.is_some() {
                         self.resync().await;
                     } else {
@@ -440,6 +475,7 @@ impl WriterLoop {
                 events += job.appends.iter().map(|a| a.events.len()).sum::<usize>();
                 jobs.push(job);
             }
+            // A failure drains what was in flight, so a failed writer has none.
             if self.failed_at.is_some() && !self.resync().await {
                 let e = unavailable(&LogError::Unavailable(
                     "the writer is re-reading the log after a failed write".into(),
@@ -451,9 +487,50 @@ impl WriterLoop {
                 }
                 continue;
             }
-            self.process(jobs).await;
-            if self.since_snapshot >= self.config.snapshot_every {
-                self.snapshot().await;
+            let (batch, records) = self.prepare(jobs, inflight.as_ref().map(|(b, _)| b));
+            let sent = match self.log.send(records).await {
+                Ok(delivery) => Some((batch, delivery)),
+                Err(e) => {
+                    self.fail(batch, &e);
+                    None
+                }
+            };
+            if let Some((prior, delivery)) = inflight.take() {
+                let done = delivery.await;
+                match self.finish(prior, done) {
+                    Some(offsets) => {
+                        inflight = sent.map(|(mut b, d)| {
+                            b.prior_offsets = offsets;
+                            (b, d)
+                        });
+                    }
+                    None => {
+                        // Planned on top of a batch that failed: whatever it
+                        // wrote is re-read with the rest (503, retry with the
+                        // same ids).
+                        if let Some((batch, delivery)) = sent {
+                            let _ = delivery.await;
+                            self.fail(
+                                batch,
+                                &LogError::Unavailable("the write before it failed".into()),
+                            );
+                        }
+                    }
+                }
+            } else {
+                inflight = sent;
+            }
+            if self.failed_at.is_some() {
+                // Failed in this round (a failed writer first re-reads the log):
+                // nothing is in flight any more.
+                self.log.failed().await;
+            }
+            self.snapshot_if_due().await;
+        }
+        if let Some((batch, delivery)) = inflight.take() {
+            let done = delivery.await;
+            if self.finish(batch, done).is_none() {
+                self.log.failed().await;
             }
         }
         if self.failed_at.is_none() {
@@ -463,6 +540,12 @@ impl WriterLoop {
             warn!(error = %e, "flushing the event log at shutdown failed");
         }
         info!("write path stopped");
+    }
+
+    async fn snapshot_if_due(&mut self) {
+        if self.failed_at.is_none() && self.since_snapshot >= self.config.snapshot_every {
+            self.snapshot().await;
+        }
     }
 
     /// After a failed append: wait for the log to settle, then fold in whatever
@@ -504,8 +587,9 @@ impl WriterLoop {
         }
     }
 
-    /// Decides, writes and answers one batch of jobs.
-    async fn process(&mut self, jobs: Vec<Job>) {
+    /// Decides one batch of jobs on top of `prior` (the batch still in
+    /// flight, as if it succeeded); its records for the log.
+    fn prepare(&self, jobs: Vec<Job>, prior: Option<&Batch>) -> (Batch, Vec<ProduceRecord>) {
         let mut staged: HashMap<Arc<str>, Head> = HashMap::new();
         let mut pending: HashMap<Uuid, (Arc<str>, u64, usize)> = HashMap::new();
         let mut records = Vec::new();
@@ -525,6 +609,7 @@ impl WriterLoop {
             for a in appends {
                 let plan = self.plan(
                     a,
+                    prior,
                     &mut staged,
                     &mut pending,
                     &mut records,
@@ -536,30 +621,55 @@ impl WriterLoop {
             plans.push(job_plans);
             replies.push((reply, _ticket));
         }
+        let batch = Batch {
+            staged,
+            pending,
+            plans,
+            replies,
+            started: Instant::now(),
+            prior_offsets: Vec::new(),
+        };
+        (batch, records)
+    }
 
-        let append_started = Instant::now();
-        let offsets = match self.log.append(records).await {
+    /// Answers a batch the log did not confirm (503, except what was refused
+    /// anyway) and stops writing until the log is re-read.
+    fn fail(&mut self, batch: Batch, e: &LogError) {
+        warn!(error = %e, "append failed; re-reading the log before the next write");
+        self.failed_at = Some(Instant::now());
+        self.healthy.store(false, Ordering::Relaxed);
+        let err = unavailable(e);
+        for ((reply, _ticket), job_plans) in batch.replies.into_iter().zip(batch.plans) {
+            let results = job_plans
+                .into_iter()
+                .map(|p| match p {
+                    Plan::Refused(e) => Err(e),
+                    _ => Err(err.clone()),
+                })
+                .collect();
+            let _ = reply.send(results);
+        }
+    }
+
+    /// Commits and answers a batch the log confirmed (its offsets, for the batch
+    /// planned on top of it), or fails it (`None`).
+    fn finish(&mut self, batch: Batch, delivered: LogResult<Vec<u64>>) -> Option<Vec<u64>> {
+        let offsets = match delivered {
             Ok(offsets) => offsets,
             Err(e) => {
-                warn!(error = %e, "append failed; re-reading the log before the next write");
-                self.failed_at = Some(Instant::now());
-                self.healthy.store(false, Ordering::Relaxed);
-                let err = unavailable(&e);
-                for ((reply, _ticket), job_plans) in replies.into_iter().zip(plans) {
-                    let results = job_plans
-                        .into_iter()
-                        .map(|p| match p {
-                            Plan::Refused(e) => Err(e),
-                            _ => Err(err.clone()),
-                        })
-                        .collect();
-                    let _ = reply.send(results);
-                }
-                return;
+                self.fail(batch, &e);
+                return None;
             }
         };
-
-        // Commit: what was staged becomes the truth, with the offsets now known.
+        let Batch {
+            mut staged,
+            pending,
+            plans,
+            replies,
+            started,
+            prior_offsets,
+        } = batch;
+        // What was staged becomes the truth, with the offsets now known.
         for (id, (stream, version, record)) in pending {
             self.ids.insert(id, stream, version, offsets[record]);
         }
@@ -574,19 +684,17 @@ impl WriterLoop {
                 let last = offsets[range.end - 1];
                 let p = partition_for(stream, self.partitions) as usize;
                 self.next_offsets[p] = self.next_offsets[p].max(last + 1);
-                staged.get_mut(stream).expect("staged").offset = last;
+                let head = staged.get_mut(stream).expect("staged");
+                head.offset = last;
+                self.heads.insert(stream.to_string(), *head);
+                self.dirty.insert(stream.to_string());
                 written += range.len() as u64;
             }
         }
-        for (stream, head) in staged {
-            // A stream that only saw refused appends stays unknown (no phantom heads).
-            if head.version > 0 && self.heads.get(&*stream) != Some(&head) {
-                self.heads.insert(stream.to_string(), head);
-                self.dirty.insert(stream.to_string());
-            }
-        }
+        // Streams that only saw refused or repeated appends keep their heads (and
+        // a stream never written stays unknown: no phantom heads).
         self.since_snapshot += written;
-        let append_took = append_started.elapsed();
+        let append_took = started.elapsed();
         self.config.metrics.log_append(written, append_took);
         debug!(
             jobs = replies.len(),
@@ -594,24 +702,29 @@ impl WriterLoop {
             append_ms = append_took.as_secs_f64() * 1e3,
             "batch durable"
         );
-
         for ((reply, _ticket), job_plans) in replies.into_iter().zip(plans) {
             let results = job_plans
                 .into_iter()
-                .map(|p| self.answer(p, &offsets))
+                .map(|p| self.answer(p, &offsets, &prior_offsets))
                 .collect();
             let _ = reply.send(results);
         }
+        Some(offsets)
     }
 
-    /// Where an id already is: written earlier, or earlier in this batch.
+    /// Where an id already is: written earlier, in the batch in flight, or
+    /// earlier in this batch.
     fn seen(
         &self,
+        prior: Option<&Batch>,
         pending: &HashMap<Uuid, (Arc<str>, u64, usize)>,
         id: &Uuid,
     ) -> Option<(Arc<str>, u64, At)> {
         if let Some((s, v, r)) = pending.get(id) {
             return Some((s.clone(), *v, At::Record(*r)));
+        }
+        if let Some((s, v, r)) = prior.and_then(|b| b.pending.get(id)) {
+            return Some((s.clone(), *v, At::Prior(*r)));
         }
         self.ids
             .map
@@ -620,9 +733,11 @@ impl WriterLoop {
     }
 
     /// Decides one append against the staged heads; pushes its records.
+    #[allow(clippy::too_many_arguments)]
     fn plan(
         &self,
         a: AppendInput,
+        prior: Option<&Batch>,
         staged: &mut HashMap<Arc<str>, Head>,
         pending: &mut HashMap<Uuid, (Arc<str>, u64, usize)>,
         records: &mut Vec<ProduceRecord>,
@@ -633,10 +748,12 @@ impl WriterLoop {
             Some((s, _)) => s.clone(),
             None => {
                 let s: Arc<str> = a.stream.as_str().into();
-                staged.insert(
-                    s.clone(),
-                    self.heads.get(&a.stream).copied().unwrap_or_default(),
-                );
+                let head = prior
+                    .and_then(|b| b.staged.get(a.stream.as_str()))
+                    .or_else(|| self.heads.get(&a.stream))
+                    .copied()
+                    .unwrap_or_default();
+                staged.insert(s.clone(), head);
                 s
             }
         };
@@ -647,7 +764,7 @@ impl WriterLoop {
         // stream, at consecutive versions in request order. Anything else that
         // reuses a known id is refused, never half-applied.
         let seen: Vec<Option<(Arc<str>, u64, At)>> =
-            ids.iter().map(|id| self.seen(pending, id)).collect();
+            ids.iter().map(|id| self.seen(prior, pending, id)).collect();
         if let Some(i) = seen.iter().position(Option::is_some) {
             let first = seen[0].as_ref().map(|(_, v, _)| *v);
             let exact = first.is_some_and(|first| {
@@ -730,7 +847,7 @@ impl WriterLoop {
         }
     }
 
-    fn answer(&self, plan: Plan, offsets: &[u64]) -> AppendResult {
+    fn answer(&self, plan: Plan, offsets: &[u64], prior_offsets: &[u64]) -> AppendResult {
         let (stream, first, ids, offset, created) = match plan {
             Plan::Refused(e) => return Err(e),
             Plan::Fresh {
@@ -748,6 +865,7 @@ impl WriterLoop {
                 let offset = match last {
                     At::Offset(o) => o,
                     At::Record(r) => offsets[r],
+                    At::Prior(r) => prior_offsets[r],
                 };
                 (stream, first, ids, offset, false)
             }

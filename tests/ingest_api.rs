@@ -495,6 +495,153 @@ impl EventLog for Gated {
     }
 }
 
+/// The embedded log as a log that keeps writes in flight: a `send` to the
+/// events topic lands at once, but its delivery resolves only when the test
+/// says so, with success or failure.
+struct InFlight {
+    inner: EmbeddedLog,
+    /// One per delivery waiting, oldest first: send `true` to confirm it.
+    verdicts: std::sync::Mutex<std::collections::VecDeque<tokio::sync::oneshot::Sender<bool>>>,
+    sent: tokio::sync::watch::Sender<usize>,
+}
+
+#[async_trait]
+impl EventLog for InFlight {
+    fn backend(&self) -> &'static str {
+        "in-flight"
+    }
+    async fn create_topic(&self, spec: &TopicSpec) -> LogResult<Created> {
+        self.inner.create_topic(spec).await
+    }
+    async fn describe_topic(&self, name: &str) -> LogResult<Option<TopicInfo>> {
+        self.inner.describe_topic(name).await
+    }
+    async fn append(&self, records: Vec<ProduceRecord>) -> LogResult<Vec<u64>> {
+        self.inner.append(records).await
+    }
+    async fn send(&self, records: Vec<ProduceRecord>) -> LogResult<refold::log::Delivery> {
+        let events = records
+            .first()
+            .is_some_and(|r| r.topic.ends_with(".events"));
+        let landed = self.inner.append(records).await;
+        if !events {
+            return Ok(Box::pin(std::future::ready(landed)));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.verdicts.lock().unwrap().push_back(tx);
+        self.sent.send_modify(|n| *n += 1);
+        Ok(Box::pin(async move {
+            match rx.await {
+                Ok(true) => landed,
+                _ => Err(LogError::Unavailable("delivery failed (injected)".into())),
+            }
+        }))
+    }
+    async fn end_offsets(&self, topic: &str) -> LogResult<Vec<u64>> {
+        self.inner.end_offsets(topic).await
+    }
+    async fn reader(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+    ) -> LogResult<Box<dyn PartitionReader>> {
+        self.inner.reader(topic, partition, from).await
+    }
+    async fn flush(&self) -> LogResult<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_next_batch_is_sent_while_one_is_in_flight_and_fails_with_it() {
+    // I1, I2, I4 with two batches in flight: the second is planned on top of
+    // the first and handed to the log before the first is confirmed. When the
+    // first fails, neither is acknowledged (their records landed here: "may or
+    // may not be in the log"), the writer re-reads the log, and the stream's
+    // versions continue without a gap; retries are idempotent.
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(InFlight {
+        inner: EmbeddedLog::open(dir.path()).unwrap(),
+        verdicts: Default::default(),
+        sent: tokio::sync::watch::channel(0).0,
+    });
+    let s = start_on(&embedded_config(dir.path()), log.clone()).await;
+    let post = |body: Value| {
+        let app = s.app.clone();
+        tokio::spawn(async move { post_json(&app, "/streams/post-7/events", body).await })
+    };
+    let mut sent = log.sent.subscribe();
+    let (id_a, id_b) = (Uuid::new_v4(), Uuid::new_v4());
+    let a = post(json!({"id": id_a, "type": "PostLiked", "data": {"n": 1}}));
+    sent.wait_for(|n| *n == 1).await.unwrap();
+    // Planned on top of the first (version 2, expected 1) and sent while the
+    // first is still unconfirmed.
+    let b = post(
+        json!({"expected_version": 1, "events": [{"id": id_b, "type": "PostLiked", "data": {"n": 2}}]}),
+    );
+    tokio::time::timeout(Duration::from_secs(10), sent.wait_for(|n| *n == 2))
+        .await
+        .expect("the second batch goes to the log before the first is confirmed")
+        .unwrap();
+    let verdict = |ok: bool| {
+        log.verdicts
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap()
+            .send(ok)
+            .unwrap()
+    };
+    verdict(false);
+    verdict(true);
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    assert_eq!(a.status, 503, "{:?}", a.body);
+    assert_eq!(b.status, 503, "planned on a failed batch: {:?}", b.body);
+    assert_eq!(b.body["error"]["code"], "log_unavailable");
+    // Deliveries are confirmed from now on.
+    let confirm = tokio::spawn({
+        let log = log.clone();
+        async move {
+            let mut sent = log.sent.subscribe();
+            loop {
+                if sent.changed().await.is_err() {
+                    return;
+                }
+                while let Some(v) = log.verdicts.lock().unwrap().pop_front() {
+                    let _ = v.send(true);
+                }
+            }
+        }
+    });
+    // After the re-read, both landed events count: the retries are repeats.
+    let r = common::eventually(30, "the writer to re-read the log", || async {
+        let r = post(json!({"id": id_a, "type": "PostLiked", "data": {"n": 1}}))
+            .await
+            .unwrap();
+        (r.status != 503).then_some(r)
+    })
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["first_version"], 1);
+    let r = post(json!({"expected_version": 1, "events": [{"id": id_b, "type": "PostLiked", "data": {"n": 2}}]}))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), &r.body["first_version"]),
+        (200, &json!(2)),
+        "{:?}",
+        r.body
+    );
+    let r = post(json!({"type": "PostLiked", "data": {"n": 3}}))
+        .await
+        .unwrap();
+    assert_eq!(r.body["first_version"], 3, "{:?}", r.body);
+    assert_eq!(stream_versions(&*s.log, "post-7").await, vec![1, 2, 3]);
+    confirm.abort();
+    s.refold.stop().await;
+}
+
 #[tokio::test]
 async fn appends_during_an_outage_get_503_while_the_log_does_not_answer() {
     // I1 and I9: found by the fault harness. After a failed write the writer

@@ -22,8 +22,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{
-    ConsumedRecord, Created, EventLog, LogError, LogResult, PartitionReader, ProduceRecord,
-    READ_BATCH_BYTES, ReadBatch, Record, TopicInfo, TopicSpec,
+    ConsumedRecord, Created, Delivery, EventLog, LogError, LogResult, PartitionReader,
+    ProduceRecord, READ_BATCH_BYTES, ReadBatch, Record, TopicInfo, TopicSpec,
 };
 
 /// The readers' default `fetch.wait.max.ms`.
@@ -269,6 +269,17 @@ impl EventLog for KafkaLog {
     }
 
     async fn append(&self, records: Vec<ProduceRecord>) -> LogResult<Vec<u64>> {
+        let delivered = self.send(records).await?.await;
+        if delivered.is_err() {
+            self.failed().await;
+        }
+        delivered
+    }
+
+    /// Enqueues every record in the producer (in order: librdkafka keeps a
+    /// partition's records in the order they were enqueued, also across sends),
+    /// then returns the wait for their delivery reports.
+    async fn send(&self, records: Vec<ProduceRecord>) -> LogResult<Delivery> {
         let producer = self.producer();
         let mut pending = Vec::with_capacity(records.len());
         for r in &records {
@@ -303,33 +314,38 @@ impl EventLog for KafkaLog {
                     }
                     Err((e, _)) => {
                         drop((producer, pending));
-                        self.reset_producer().await;
+                        self.failed().await;
                         return Err(kafka_err(e));
                     }
                 }
             }
         }
-        let mut offsets = Vec::with_capacity(pending.len());
-        let mut first_error = None;
-        for f in pending {
-            match f.await {
-                Ok(Ok(d)) => offsets.push(d.offset as u64),
-                Ok(Err((e, _))) => {
-                    first_error.get_or_insert(kafka_err(e));
-                }
-                Err(_) => {
-                    first_error.get_or_insert(LogError::Other("Kafka producer dropped".into()));
+        Ok(Box::pin(async move {
+            let mut offsets = Vec::with_capacity(pending.len());
+            let mut first_error = None;
+            for f in pending {
+                match f.await {
+                    Ok(Ok(d)) => offsets.push(d.offset as u64),
+                    Ok(Err((e, _))) => {
+                        first_error.get_or_insert(kafka_err(e));
+                    }
+                    Err(_) => {
+                        first_error.get_or_insert(LogError::Other("Kafka producer dropped".into()));
+                    }
                 }
             }
-        }
-        match first_error {
-            None => Ok(offsets),
-            Some(e) => {
-                drop(producer);
-                self.reset_producer().await;
-                Err(e)
+            drop(producer);
+            match first_error {
+                None => Ok(offsets),
+                Some(e) => Err(e),
             }
-        }
+        }))
+    }
+
+    /// A failed append may leave the producer with requests and idempotence
+    /// state a restarted broker no longer knows: start a fresh one.
+    async fn failed(&self) {
+        self.reset_producer().await;
     }
 
     async fn end_offsets(&self, topic: &str) -> LogResult<Vec<u64>> {

@@ -128,6 +128,10 @@ pub enum LogError {
 
 pub type LogResult<T> = Result<T, LogError>;
 
+/// A write in flight: the records' offsets once durable.
+pub type Delivery =
+    std::pin::Pin<Box<dyn std::future::Future<Output = LogResult<Vec<u64>>> + Send>>;
+
 #[async_trait]
 pub trait EventLog: Send + Sync + 'static {
     /// `"embedded"` or `"kafka"`, for logs and status.
@@ -143,6 +147,20 @@ pub trait EventLog: Send + Sync + 'static {
     /// Appends all records; `Ok` carries each record's offset, in input order, and
     /// means all are durable. Records for one partition land in input order.
     async fn append(&self, records: Vec<ProduceRecord>) -> LogResult<Vec<u64>>;
+
+    /// Starts an append and returns its delivery, which resolves like
+    /// [`EventLog::append`]. Once `send` returns, the records are ordered after
+    /// those of every earlier `send` and `append`, so the caller may send more
+    /// before this delivery resolves. After a failed delivery, call
+    /// [`EventLog::failed`] before writing again. A log that cannot keep writes
+    /// in flight appends here and returns a finished delivery.
+    async fn send(&self, records: Vec<ProduceRecord>) -> LogResult<Delivery> {
+        let done = self.append(records).await;
+        Ok(Box::pin(std::future::ready(done)))
+    }
+
+    /// After a failed delivery: let the log start clean (Kafka: a fresh producer).
+    async fn failed(&self) {}
 
     /// The high watermark (next offset to be written) of every partition.
     async fn end_offsets(&self, topic: &str) -> LogResult<Vec<u64>>;
