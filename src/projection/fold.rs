@@ -194,72 +194,86 @@ fn apply_event(
     stored: &DocReads,
     fx: &mut Effects,
 ) -> Result<(), String> {
-    // All or nothing: remember the keys' deltas before the event, restore on error.
-    let mut saved: Vec<(String, Option<DocDelta>)> = Vec::new();
+    // All or nothing: the event's changes are worked out first, against a view of
+    // each key's delta that holds what operations read (its set and incremented
+    // fields, and whether it was deleted) plus this event's own changes; they are
+    // merged into the batch only when every operation succeeded. Nothing is
+    // copied that grows with the batch (sets, lists), so a hot key stays cheap.
+    let mut views: Vec<(String, DocDelta)> = Vec::new();
+    let mut changes: Vec<(String, Change)> = Vec::new();
     let mut ranks: Vec<(String, String, f64)> = Vec::new();
-    let result = (|| {
-        for op in ops {
-            let key_path = op.key.as_ref().unwrap_or(&def.key);
-            let key = render_key(event_value(key_path, env), key_path)?;
-            if stored.applied.get(&key).is_some_and(|a| offset < *a) {
-                // Already in the stored document (an earlier attempt of this batch).
-                continue;
+    for op in ops {
+        let key_path = op.key.as_ref().unwrap_or(&def.key);
+        let key = render_key(event_value(key_path, env), key_path)?;
+        if stored.applied.get(&key).is_some_and(|a| offset < *a) {
+            // Already in the stored document (an earlier attempt of this batch).
+            continue;
+        }
+        let i = match views.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                views.push((key.clone(), read_view(fx.docs.get(&key))));
+                views.len() - 1
             }
-            if !saved.iter().any(|(k, _)| *k == key) {
-                saved.push((key.clone(), fx.docs.get(&key).cloned()));
+        };
+        let ctx = Ctx {
+            env,
+            key: &key,
+            delta: Some(&views[i].1),
+            stored: stored.fields.get(&key),
+            def,
+        };
+        match &op.kind {
+            OpKind::Rank {
+                ranking,
+                member,
+                by,
+                negate,
+            } => {
+                let name = ctx.render(ranking, "ranking")?;
+                let member = ctx.render(member, "member")?;
+                let by = ctx.number(by)?;
+                ranks.push((name, member, if *negate { -by } else { by }));
             }
-            let ctx = Ctx {
-                env,
-                key: &key,
-                delta: fx.docs.get(&key),
-                stored: stored.fields.get(&key),
-                def,
-            };
-            match &op.kind {
-                OpKind::Rank {
-                    ranking,
-                    member,
-                    by,
-                    negate,
-                } => {
-                    let name = ctx.render(ranking, "ranking")?;
-                    let member = ctx.render(member, "member")?;
-                    let by = ctx.number(by)?;
-                    ranks.push((name, member, if *negate { -by } else { by }));
-                }
-                kind => {
-                    let change = ctx.change(kind)?;
-                    let delta = fx.docs.entry(key).or_default();
-                    merge(delta, change);
-                }
+            kind => {
+                let change = ctx.change(kind)?;
+                merge(&mut views[i].1, change.clone());
+                changes.push((key, change));
             }
         }
-        Ok(())
-    })();
-    match result {
-        Ok(()) => {
-            for (name, member, by) in ranks {
-                *fx.rankings
-                    .entry(name)
-                    .or_default()
-                    .entry(member)
-                    .or_default() += by;
-            }
-            Ok(())
-        }
-        Err(e) => {
-            for (key, before) in saved {
-                match before {
-                    Some(d) => fx.docs.insert(key, d),
-                    None => fx.docs.remove(&key),
-                };
-            }
-            Err(e)
-        }
+    }
+    for (key, change) in changes {
+        merge(fx.docs.entry(key).or_default(), change);
+    }
+    for (name, member, by) in ranks {
+        *fx.rankings
+            .entry(name)
+            .or_default()
+            .entry(member)
+            .or_default() += by;
+    }
+    Ok(())
+}
+
+/// The part of a key's delta that operations read ([`Ctx::doc`]): set and
+/// incremented fields, and whether the key was deleted.
+fn read_view(delta: Option<&DocDelta>) -> DocDelta {
+    let Some(d) = delta else {
+        return DocDelta::default();
+    };
+    DocDelta {
+        reset: d.reset,
+        fields: d
+            .fields
+            .iter()
+            .filter(|(_, f)| matches!(f, FieldDelta::Set(_) | FieldDelta::Incr(_)))
+            .map(|(k, f)| (k.clone(), f.clone()))
+            .collect(),
     }
 }
 
 /// One operation's change, before combining.
+#[derive(Clone)]
 enum Change {
     Delete,
     Field(String, FieldDelta),
