@@ -491,7 +491,7 @@ impl WriterLoop {
             let sent = match self.log.send(records).await {
                 Ok(delivery) => Some((batch, delivery)),
                 Err(e) => {
-                    self.fail(batch, &e);
+                    self.fail(batch, &e, true);
                     None
                 }
             };
@@ -510,9 +510,12 @@ impl WriterLoop {
                         // same ids).
                         if let Some((batch, delivery)) = sent {
                             let _ = delivery.await;
+                            // Its refusals were decided against heads that may
+                            // never exist: they get the 503 too.
                             self.fail(
                                 batch,
                                 &LogError::Unavailable("the write before it failed".into()),
+                                false,
                             );
                         }
                     }
@@ -632,9 +635,9 @@ impl WriterLoop {
         (batch, records)
     }
 
-    /// Answers a batch the log did not confirm (503, except what was refused
-    /// anyway) and stops writing until the log is re-read.
-    fn fail(&mut self, batch: Batch, e: &LogError) {
+    /// Answers a batch the log did not confirm (503; what it refused keeps its
+    /// answer when `keep_refusals`) and stops writing until the log is re-read.
+    fn fail(&mut self, batch: Batch, e: &LogError, keep_refusals: bool) {
         warn!(error = %e, "append failed; re-reading the log before the next write");
         self.failed_at = Some(Instant::now());
         self.healthy.store(false, Ordering::Relaxed);
@@ -643,7 +646,7 @@ impl WriterLoop {
             let results = job_plans
                 .into_iter()
                 .map(|p| match p {
-                    Plan::Refused(e) => Err(e),
+                    Plan::Refused(e) if keep_refusals => Err(e),
                     _ => Err(err.clone()),
                 })
                 .collect();
@@ -657,7 +660,7 @@ impl WriterLoop {
         let offsets = match delivered {
             Ok(offsets) => offsets,
             Err(e) => {
-                self.fail(batch, &e);
+                self.fail(batch, &e, true);
                 return None;
             }
         };
@@ -939,8 +942,17 @@ impl WriterLoop {
             .collect();
         let n = heads.len();
         // Heads first: a checkpoint must never claim heads that are not written.
-        let result = match self.log.append(heads).await {
-            Ok(_) => self.log.append(checkpoints).await,
+        // Through `send`, which leaves the log's producer alone on failure: an
+        // events batch may be in flight on it, and a fresh producer would not
+        // keep the next batch behind that one. The next snapshot retries.
+        let write = |records: Vec<ProduceRecord>| async {
+            match self.log.send(records).await {
+                Ok(delivery) => delivery.await,
+                Err(e) => Err(e),
+            }
+        };
+        let result = match write(heads).await {
+            Ok(_) => write(checkpoints).await,
             Err(e) => Err(e),
         };
         match result {

@@ -643,6 +643,82 @@ async fn the_next_batch_is_sent_while_one_is_in_flight_and_fails_with_it() {
 }
 
 #[tokio::test]
+async fn a_retry_of_an_append_in_flight_is_a_repeat_and_refusals_on_a_failed_batch_are_503() {
+    // I4 across the two batches in flight: the retry is planned while the
+    // original is unconfirmed and answers with the original's versions and
+    // position once it is. And a refusal decided against a batch that then
+    // failed (its heads may never exist) is not given: 503, retry.
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(InFlight {
+        inner: EmbeddedLog::open(dir.path()).unwrap(),
+        verdicts: Default::default(),
+        sent: tokio::sync::watch::channel(0).0,
+    });
+    let s = start_on(&embedded_config(dir.path()), log.clone()).await;
+    let post = |body: Value| {
+        let app = s.app.clone();
+        tokio::spawn(async move { post_json(&app, "/streams/post-8/events", body).await })
+    };
+    let verdict = |ok: bool| {
+        log.verdicts
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap()
+            .send(ok)
+            .unwrap()
+    };
+    // The writer holds `n` requests (each holds `body_limit` of the budget, as
+    // these carry no Content-Length, until it is answered) and none waits in its
+    // queue: the last one is planned. A batch of repeats or refusals sends no
+    // records, so `sent` cannot tell.
+    let writer = s.refold.state.writer.clone();
+    let each = s.refold.state.body_limit as u64;
+    let holding = |n: u64| {
+        let writer = writer.clone();
+        async move {
+            common::eventually(10, "the writer to take the request", || async {
+                let (bytes, _, waiting) = writer.queue();
+                (bytes == n * each && waiting == 0).then_some(())
+            })
+            .await
+        }
+    };
+    let mut sent = log.sent.subscribe();
+    let id = Uuid::new_v4();
+    let event = json!({"id": id, "type": "PostLiked", "data": {"n": 1}});
+    let original = post(event.clone());
+    sent.wait_for(|n| *n == 1).await.unwrap();
+    let retry = post(event.clone());
+    holding(2).await;
+    verdict(true);
+    let (original, retry) = (original.await.unwrap(), retry.await.unwrap());
+    assert_eq!(original.status, 201, "{:?}", original.body);
+    assert_eq!(retry.status, 200, "a repeat: {:?}", retry.body);
+    assert_eq!(
+        retry.body, original.body,
+        "the original result, position included"
+    );
+
+    // Version 2 in flight; an append expecting 1 is refused against it, then
+    // the batch it was decided against fails.
+    let second = post(json!({"type": "PostLiked", "data": {"n": 2}}));
+    sent.wait_for(|n| *n == 2).await.unwrap();
+    let stale =
+        post(json!({"expected_version": 1, "events": [{"type": "PostLiked", "data": {"n": 3}}]}));
+    holding(2).await;
+    verdict(false);
+    let (second, stale) = (second.await.unwrap(), stale.await.unwrap());
+    assert_eq!(second.status, 503, "{:?}", second.body);
+    assert_eq!(
+        stale.status, 503,
+        "not a 409 against a head that may never be: {:?}",
+        stale.body
+    );
+    s.refold.stop().await;
+}
+
+#[tokio::test]
 async fn appends_during_an_outage_get_503_while_the_log_does_not_answer() {
     // I1 and I9: found by the fault harness. After a failed write the writer
     // re-reads the log's tail before it writes again; when the log does not

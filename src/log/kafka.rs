@@ -269,7 +269,10 @@ impl EventLog for KafkaLog {
     }
 
     async fn append(&self, records: Vec<ProduceRecord>) -> LogResult<Vec<u64>> {
-        let delivered = self.send(records).await?.await;
+        let delivered = match self.send(records).await {
+            Ok(delivery) => delivery.await,
+            Err(e) => Err(e),
+        };
         if delivered.is_err() {
             self.failed().await;
         }
@@ -278,7 +281,8 @@ impl EventLog for KafkaLog {
 
     /// Enqueues every record in the producer (in order: librdkafka keeps a
     /// partition's records in the order they were enqueued, also across sends),
-    /// then returns the wait for their delivery reports.
+    /// then returns the wait for their delivery reports. It never replaces the
+    /// producer itself: a new one would not keep later sends behind earlier ones.
     async fn send(&self, records: Vec<ProduceRecord>) -> LogResult<Delivery> {
         let producer = self.producer();
         let mut pending = Vec::with_capacity(records.len());
@@ -313,8 +317,9 @@ impl EventLog for KafkaLog {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((e, _)) => {
+                        // The caller resets the producer ([`EventLog::failed`])
+                        // once nothing it sent before is in flight.
                         drop((producer, pending));
-                        self.failed().await;
                         return Err(kafka_err(e));
                     }
                 }
@@ -334,7 +339,9 @@ impl EventLog for KafkaLog {
                     }
                 }
             }
-            drop(producer);
+            // Possibly the last handle of a producer replaced meanwhile: its drop
+            // purges and joins a thread, so not on the runtime.
+            tokio::task::spawn_blocking(move || drop(producer));
             match first_error {
                 None => Ok(offsets),
                 Some(e) => Err(e),

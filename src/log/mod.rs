@@ -151,8 +151,9 @@ pub trait EventLog: Send + Sync + 'static {
     /// Starts an append and returns its delivery, which resolves like
     /// [`EventLog::append`]. Once `send` returns, the records are ordered after
     /// those of every earlier `send` and `append`, so the caller may send more
-    /// before this delivery resolves. After a failed delivery, call
-    /// [`EventLog::failed`] before writing again. A log that cannot keep writes
+    /// before this delivery resolves. After a failed `send` or delivery, call
+    /// [`EventLog::failed`] once nothing sent earlier is in flight, before
+    /// writing again (`send` itself leaves the log's state alone). A log that cannot keep writes
     /// in flight appends here and returns a finished delivery.
     async fn send(&self, records: Vec<ProduceRecord>) -> LogResult<Delivery> {
         let done = self.append(records).await;
