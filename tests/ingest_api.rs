@@ -505,6 +505,22 @@ struct InFlight {
     sent: tokio::sync::watch::Sender<usize>,
 }
 
+impl InFlight {
+    fn open(dir: &std::path::Path) -> Arc<InFlight> {
+        Arc::new(InFlight {
+            inner: EmbeddedLog::open(dir).unwrap(),
+            verdicts: Default::default(),
+            sent: tokio::sync::watch::channel(0).0,
+        })
+    }
+
+    /// Resolves the oldest waiting delivery: confirmed, or failed.
+    fn verdict(&self, ok: bool) {
+        let next = self.verdicts.lock().unwrap().pop_front();
+        next.expect("a delivery waiting").send(ok).unwrap();
+    }
+}
+
 #[async_trait]
 impl EventLog for InFlight {
     fn backend(&self) -> &'static str {
@@ -561,11 +577,7 @@ async fn the_next_batch_is_sent_while_one_is_in_flight_and_fails_with_it() {
     // may not be in the log"), the writer re-reads the log, and the stream's
     // versions continue without a gap; retries are idempotent.
     let dir = tempfile::tempdir().unwrap();
-    let log = Arc::new(InFlight {
-        inner: EmbeddedLog::open(dir.path()).unwrap(),
-        verdicts: Default::default(),
-        sent: tokio::sync::watch::channel(0).0,
-    });
+    let log = InFlight::open(dir.path());
     let s = start_on(&embedded_config(dir.path()), log.clone()).await;
     let post = |body: Value| {
         let app = s.app.clone();
@@ -584,17 +596,8 @@ async fn the_next_batch_is_sent_while_one_is_in_flight_and_fails_with_it() {
         .await
         .expect("the second batch goes to the log before the first is confirmed")
         .unwrap();
-    let verdict = |ok: bool| {
-        log.verdicts
-            .lock()
-            .unwrap()
-            .pop_front()
-            .unwrap()
-            .send(ok)
-            .unwrap()
-    };
-    verdict(false);
-    verdict(true);
+    log.verdict(false);
+    log.verdict(true);
     let (a, b) = (a.await.unwrap(), b.await.unwrap());
     assert_eq!(a.status, 503, "{:?}", a.body);
     assert_eq!(b.status, 503, "planned on a failed batch: {:?}", b.body);
@@ -649,24 +652,11 @@ async fn a_retry_of_an_append_in_flight_is_a_repeat_and_refusals_on_a_failed_bat
     // position once it is. And a refusal decided against a batch that then
     // failed (its heads may never exist) is not given: 503, retry.
     let dir = tempfile::tempdir().unwrap();
-    let log = Arc::new(InFlight {
-        inner: EmbeddedLog::open(dir.path()).unwrap(),
-        verdicts: Default::default(),
-        sent: tokio::sync::watch::channel(0).0,
-    });
+    let log = InFlight::open(dir.path());
     let s = start_on(&embedded_config(dir.path()), log.clone()).await;
     let post = |body: Value| {
         let app = s.app.clone();
         tokio::spawn(async move { post_json(&app, "/streams/post-8/events", body).await })
-    };
-    let verdict = |ok: bool| {
-        log.verdicts
-            .lock()
-            .unwrap()
-            .pop_front()
-            .unwrap()
-            .send(ok)
-            .unwrap()
     };
     // The writer holds `n` requests (each holds `body_limit` of the budget, as
     // these carry no Content-Length, until it is answered) and none waits in its
@@ -691,7 +681,7 @@ async fn a_retry_of_an_append_in_flight_is_a_repeat_and_refusals_on_a_failed_bat
     sent.wait_for(|n| *n == 1).await.unwrap();
     let retry = post(event.clone());
     holding(2).await;
-    verdict(true);
+    log.verdict(true);
     let (original, retry) = (original.await.unwrap(), retry.await.unwrap());
     assert_eq!(original.status, 201, "{:?}", original.body);
     assert_eq!(retry.status, 200, "a repeat: {:?}", retry.body);
@@ -707,7 +697,7 @@ async fn a_retry_of_an_append_in_flight_is_a_repeat_and_refusals_on_a_failed_bat
     let stale =
         post(json!({"expected_version": 1, "events": [{"type": "PostLiked", "data": {"n": 3}}]}));
     holding(2).await;
-    verdict(false);
+    log.verdict(false);
     let (second, stale) = (second.await.unwrap(), stale.await.unwrap());
     assert_eq!(second.status, 503, "{:?}", second.body);
     assert_eq!(

@@ -49,6 +49,15 @@ fn strings_under(v: &Value, key: &str) -> Vec<String> {
     }
 }
 
+/// The shipped projections and the built-in stream history.
+const DEMO_PROJECTIONS: [&str; 5] = [
+    "post_stats",
+    "posts",
+    "users",
+    "tribe_feed",
+    "stream_history",
+];
+
 /// A concrete URI for a route template.
 fn concrete(path: &str) -> String {
     path.replace("{stream}", "post-1")
@@ -226,13 +235,7 @@ async fn metrics_count_ingest_by_outcome_and_show_each_projection_caught_up() {
     // Every projection has applied everything.
     for position in [&created.body["position"], &bulk.body["position"]] {
         let position = position.as_str().unwrap();
-        for p in [
-            "post_stats",
-            "posts",
-            "users",
-            "tribe_feed",
-            "stream_history",
-        ] {
+        for p in DEMO_PROJECTIONS {
             let r = call(
                 &app,
                 "GET",
@@ -295,13 +298,7 @@ async fn metrics_count_ingest_by_outcome_and_show_each_projection_caught_up() {
     );
     // Each projection: positions sum to the 4 records, no lag, running, every
     // record folded once, in commits whose batch sizes add up.
-    for p in [
-        "post_stats",
-        "posts",
-        "users",
-        "tribe_feed",
-        "stream_history",
-    ] {
+    for p in DEMO_PROJECTIONS {
         let sum = |name: &str| -> f64 {
             m.iter()
                 .filter(|(k, _)| k.starts_with(&format!(r#"{name}{{projection="{p}",partition="#)))
