@@ -24,7 +24,7 @@
 //! | [`log`] | the event-log port and its adapters: [`log::embedded`] (redb), [`log::kafka`] (rdkafka) |
 //! | [`projection`] | projections: [`projection::def`] (definitions), [`projection::fold`] (pure fold, combining), [`projection::engine`] (workers, replay, status), [`projection::history`] (the built-in stream history), [`projection::store`] (key-value port: Redis, embedded redb; document port [`projection::store::doc`]: Elasticsearch, embedded tantivy) |
 //! | [`demo`] | the demo domain's event generator (`refold demo`, tests, benchmarks) |
-//! | [`bench`] | `refold bench`: refold's figures beside the raw limits of its log and stores |
+//! | [`bench`](mod@bench) | `refold bench`: refold's figures beside the raw limits of its log and stores |
 //! | [`migrate`] | `migrations/*.toml`: topics created or checked, index declarations, applied once, recorded |
 
 pub mod auth;

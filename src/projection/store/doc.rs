@@ -9,7 +9,7 @@
 //!
 //! Idempotency (I6). A stored document records, per partition, the offset up to
 //! which that partition's events are in it ([`APPLIED_FIELD`]). Sessions return it
-//! with the document ([`DocReads::applied`]), and the fold skips the changes the
+//! with the document ([`crate::projection::fold::DocReads::applied`]), and the fold skips the changes the
 //! document already holds. So a batch written again after a crash, or after a
 //! conflict on one document, changes nothing twice, whatever the batch boundaries.
 

@@ -35,7 +35,7 @@
 //! Search never goes through tantivy's query parser: the words of `text` are
 //! tokenized with each text field's tokenizer and OR-ed as term queries (BM25),
 //! filters are unscored term queries, `at_least` an unscored range. The hits are
-//! ranked by a key computed per document ([`Rank`]) that implements the total
+//! ranked by a key computed per document (`Rank`) that implements the total
 //! orders of [`Sort`]; a page keeps only the documents ranked after the cursor
 //! (keyset pagination), and `total` counts every match. Relevance pages go by
 //! position instead: a background merge that drops deleted documents changes the
