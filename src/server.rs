@@ -139,7 +139,7 @@ const READY_REUSE: Duration = Duration::from_secs(1);
 /// Readiness of the backends: the log answers and is migrated, every
 /// projection's store answers. One check runs at a time; its answer serves the
 /// probes of the next second.
-struct LogReadiness {
+struct Readiness {
     log: Arc<dyn EventLog>,
     migrations: Vec<migrate::Migration>,
     prefix: String,
@@ -161,18 +161,18 @@ async fn within<E: std::fmt::Display>(
     }
 }
 
-impl LogReadiness {
+impl Readiness {
     async fn check(&self, engine: &Engine) -> Result<(), String> {
         let log = self.log.backend();
-        within(
-            &format!("the {log} log is not migrated"),
-            migrate::check(&*self.log, &self.migrations, &self.prefix),
-        )
-        .await?;
         let events = format!("{}{}", self.prefix, migrate::EVENTS);
         within(&format!("the {log} log does not answer"), async {
             self.log.end_offsets(&events).await.map(|_| ())
         })
+        .await?;
+        within(
+            &format!("the {log} log is not migrated"),
+            migrate::check(&*self.log, &self.migrations, &self.prefix),
+        )
         .await?;
         for p in engine.all() {
             let what = format!(
@@ -187,7 +187,7 @@ impl LogReadiness {
 }
 
 #[async_trait::async_trait]
-impl Backends for LogReadiness {
+impl Backends for Readiness {
     async fn ready(&self, engine: &Engine) -> Result<(), String> {
         let mut last = self.last.lock().await;
         if let Some((at, answer)) = &*last
@@ -250,7 +250,7 @@ impl Refold {
         .await?;
         let (writer, writer_task) =
             Writer::start(log.clone(), writer_config(config, metrics.clone())).await?;
-        let backends = LogReadiness {
+        let backends = Readiness {
             log: log.clone(),
             migrations,
             prefix: config.topic_prefix.clone(),
