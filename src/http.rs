@@ -233,14 +233,7 @@ async fn readyz(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
 const SCRAPE_STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    let statuses = tokio::time::timeout(SCRAPE_STATUS_TIMEOUT, async {
-        let mut out = Vec::new();
-        for p in s.engine.all() {
-            out.push(p.status().await);
-        }
-        out
-    })
-    .await;
+    let statuses = tokio::time::timeout(SCRAPE_STATUS_TIMEOUT, s.engine.statuses()).await;
     if statuses.is_err() {
         tracing::warn!(
             "metrics: projection status took over 3 s (is the log slow?); scraped without projection gauges"
@@ -293,29 +286,13 @@ async fn append_to_stream(
     let started = Instant::now();
     let mut events = 0;
     let result = append_one(&s, stream, &headers, body, &mut events).await;
-    let (outcome, tally) = match &result {
-        Ok(r) if r.created => (
-            "created",
-            Tally {
-                appended: events,
-                ..Tally::default()
-            },
-        ),
-        Ok(_) => (
-            "repeated",
-            Tally {
-                repeated: events,
-                ..Tally::default()
-            },
-        ),
-        Err(e) => (
-            e.code(),
-            Tally {
-                refused: events,
-                ..Tally::default()
-            },
-        ),
+    let outcome = match &result {
+        Ok(r) if r.created => "created",
+        Ok(_) => "repeated",
+        Err(e) => e.code(),
     };
+    let mut tally = Tally::default();
+    tally.record(result.as_ref().ok().map(|r| r.created), events);
     s.metrics
         .ingest("stream", outcome, started.elapsed(), tally);
     match result {
@@ -445,10 +422,7 @@ async fn bulk(
                     ..
                 }) => {
                     position.merge(&p);
-                    match created {
-                        true => tally.appended += 1,
-                        false => tally.repeated += 1,
-                    }
+                    tally.record(Some(created), 1);
                     json!({
                         "status": if created { 201 } else { 200 },
                         "stream": stream,
@@ -458,7 +432,7 @@ async fn bulk(
                 }
                 Err(e) => {
                     errors = true;
-                    tally.refused += 1;
+                    tally.record(None, 1);
                     json!({"status": e.status().as_u16(), "error": e.body()})
                 }
             }

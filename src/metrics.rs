@@ -39,23 +39,28 @@ fn counts() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 4.0, 9))
 }
 
-/// Registers `metric` as `refold_{name}` and records the sample names it yields.
-fn reg<M: Metric + TypedMetric>(
-    r: &mut Registry,
-    names: &mut Vec<String>,
-    name: &str,
-    help: &str,
-    metric: M,
-) {
-    let full = format!("refold_{name}");
-    match M::TYPE {
-        MetricType::Counter => names.push(format!("{full}_total")),
-        MetricType::Histogram => {
-            names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{full}{s}")))
+const PREFIX: &str = "refold";
+
+/// The registry being filled, with the sample names each metric yields.
+struct Registrar {
+    registry: Registry,
+    names: Vec<String>,
+}
+
+impl Registrar {
+    /// Registers `metric` as `refold_{name}`; the metric, for its field.
+    fn add<M: Metric + TypedMetric + Clone>(&mut self, name: &str, help: &str, metric: M) -> M {
+        let full = format!("{PREFIX}_{name}");
+        match M::TYPE {
+            MetricType::Counter => self.names.push(format!("{full}_total")),
+            MetricType::Histogram => self
+                .names
+                .extend(["_bucket", "_sum", "_count"].map(|s| format!("{full}{s}"))),
+            _ => self.names.push(full),
         }
-        _ => names.push(full),
+        self.registry.register(name, help, metric.clone());
+        metric
     }
-    r.register(name, help, metric);
 }
 
 /// Every metric of the process.
@@ -98,169 +103,109 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut r = Registry::with_prefix("refold");
-        let mut names = Vec::new();
-        let m = Metrics {
-            http_requests: Family::default(),
-            ingest_requests: Family::default(),
-            ingest_events: Family::default(),
-            ingest_duration: Family::new_with_constructor(seconds),
-            write_queue_bytes: Gauge::default(),
-            write_queue_capacity: Gauge::default(),
-            write_queue_requests: Gauge::default(),
-            write_batch_events: counts(),
-            log_append_duration: seconds(),
-            projection_events: Family::default(),
-            projection_commits: Family::default(),
-            projection_batch_events: Family::new_with_constructor(counts),
-            store_write_duration: Family::new_with_constructor(seconds),
-            position: Family::default(),
-            lag: Family::default(),
-            events_per_second: Family::default(),
-            dead_letters: Family::default(),
-            replay_progress: Family::default(),
-            state: Family::default(),
-            registry: Registry::default(),
+        let mut r = Registrar {
+            registry: Registry::with_prefix(PREFIX),
             names: Vec::new(),
-            scraping: std::sync::Mutex::new(()),
         };
-        reg(
-            &mut r,
-            &mut names,
-            "http_requests",
-            "HTTP requests by method, route template and status",
-            m.http_requests.clone(),
-        );
-        reg(
-            &mut r,
-            &mut names,
-            "ingest_requests",
-            "Append requests by endpoint (stream, bulk) and outcome (created, repeated, accepted or an error code)",
-            m.ingest_requests.clone(),
-        );
-        reg(
-            &mut r,
-            &mut names,
-            "ingest_events",
-            "Events in append requests by outcome (appended, repeated, refused)",
-            m.ingest_events.clone(),
-        );
-        reg(
-            &mut r,
-            &mut names,
-            "ingest_duration_seconds",
-            "Append request latency by endpoint and outcome, body read to answer",
-            m.ingest_duration.clone(),
-        );
-        reg(
-            &mut r,
-            &mut names,
-            "write_queue_bytes",
-            "Request bytes admitted into the write path and not yet answered",
-            m.write_queue_bytes.clone(),
-        );
-        reg(
-            &mut r,
-            &mut names,
-            "write_queue_capacity_bytes",
-            "Bytes the write path admits at once (ingest_buffer); beyond it appends get 429",
-            m.write_queue_capacity.clone(),
-        );
-        reg(
-            &mut r,
-            &mut names,
-            "write_queue_requests",
-            "Append requests waiting for the writer",
-            m.write_queue_requests.clone(),
-        );
-        reg(
-            &mut r,
-            &mut names,
-            "write_batch_events",
-            "Events per durable log append (group commit)",
-            m.write_batch_events.clone(),
-        );
-        reg(
-            &mut r,
-            &mut names,
-            "log_append_duration_seconds",
-            "Time for the log to make one batch durable",
-            m.log_append_duration.clone(),
-        );
-        reg(
-            &mut r,
-            &mut names,
-            "projection_events",
-            "Log records folded by each projection in this process (replays included)",
-            m.projection_events.clone(),
-        );
-        reg(
-            &mut r,
-            &mut names,
-            "projection_commits",
-            "Store writes (batch plus checkpoint) by each projection",
-            m.projection_commits.clone(),
-        );
-        reg(
-            &mut r,
-            &mut names,
-            "projection_batch_events",
-            "Log records per projection batch",
-            m.projection_batch_events.clone(),
-        );
-        reg(
-            &mut r,
-            &mut names,
-            "projection_store_write_duration_seconds",
-            "Time to write one folded batch with its checkpoint, by projection and store",
-            m.store_write_duration.clone(),
-        );
-        reg(
-            &mut r,
-            &mut names,
-            "projection_position",
-            "Next log offset the live generation reads, per projection and partition",
-            m.position.clone(),
-        );
-        reg(
-            &mut r,
-            &mut names,
-            "projection_lag",
-            "Log records not yet applied, per projection and partition",
-            m.lag.clone(),
-        );
-        reg(
-            &mut r,
-            &mut names,
-            "projection_events_per_second",
-            "Recent fold rate of each projection's live generation",
-            m.events_per_second.clone(),
-        );
-        reg(
-            &mut r,
-            &mut names,
-            "projection_dead_letters",
-            "Dead letters recorded by each projection's live generation",
-            m.dead_letters.clone(),
-        );
-        reg(
-            &mut r,
-            &mut names,
-            "projection_replay_progress",
-            "Share of the log a running replay has folded (0 to 1)",
-            m.replay_progress.clone(),
-        );
-        reg(
-            &mut r,
-            &mut names,
-            "projection_state",
-            "1 for each projection's current state (running, replaying, failed)",
-            m.state.clone(),
-        );
         Metrics {
-            registry: r,
-            names,
-            ..m
+            http_requests: r.add(
+                "http_requests",
+                "HTTP requests by method, route template and status",
+                Family::default(),
+            ),
+            ingest_requests: r.add(
+                "ingest_requests",
+                "Append requests by endpoint (stream, bulk) and outcome (created, repeated, accepted or an error code)",
+                Family::default(),
+            ),
+            ingest_events: r.add(
+                "ingest_events",
+                "Events in append requests by outcome (appended, repeated, refused)",
+                Family::default(),
+            ),
+            ingest_duration: r.add(
+                "ingest_duration_seconds",
+                "Append request latency by endpoint and outcome, body read to answer",
+                Family::new_with_constructor(seconds),
+            ),
+            write_queue_bytes: r.add(
+                "write_queue_bytes",
+                "Request bytes admitted into the write path and not yet answered",
+                Gauge::default(),
+            ),
+            write_queue_capacity: r.add(
+                "write_queue_capacity_bytes",
+                "Bytes the write path admits at once (ingest_buffer); beyond it appends get 429",
+                Gauge::default(),
+            ),
+            write_queue_requests: r.add(
+                "write_queue_requests",
+                "Append requests waiting for the writer",
+                Gauge::default(),
+            ),
+            write_batch_events: r.add(
+                "write_batch_events",
+                "Events per durable log append (group commit)",
+                counts(),
+            ),
+            log_append_duration: r.add(
+                "log_append_duration_seconds",
+                "Time for the log to make one batch durable",
+                seconds(),
+            ),
+            projection_events: r.add(
+                "projection_events",
+                "Log records folded by each projection in this process (replays included)",
+                Family::default(),
+            ),
+            projection_commits: r.add(
+                "projection_commits",
+                "Store writes (batch plus checkpoint) by each projection",
+                Family::default(),
+            ),
+            projection_batch_events: r.add(
+                "projection_batch_events",
+                "Log records per projection batch",
+                Family::new_with_constructor(counts),
+            ),
+            store_write_duration: r.add(
+                "projection_store_write_duration_seconds",
+                "Time to write one folded batch with its checkpoint, by projection and store",
+                Family::new_with_constructor(seconds),
+            ),
+            position: r.add(
+                "projection_position",
+                "Next log offset the live generation reads, per projection and partition",
+                Family::default(),
+            ),
+            lag: r.add(
+                "projection_lag",
+                "Log records not yet applied, per projection and partition",
+                Family::default(),
+            ),
+            events_per_second: r.add(
+                "projection_events_per_second",
+                "Recent fold rate of each projection's live generation",
+                Family::default(),
+            ),
+            dead_letters: r.add(
+                "projection_dead_letters",
+                "Dead letters recorded by each projection's live generation",
+                Family::default(),
+            ),
+            replay_progress: r.add(
+                "projection_replay_progress",
+                "Share of the log a running replay has folded (0 to 1)",
+                Family::default(),
+            ),
+            state: r.add(
+                "projection_state",
+                "1 for each projection's current state (running, replaying, failed)",
+                Family::default(),
+            ),
+            registry: r.registry,
+            names: r.names,
+            scraping: std::sync::Mutex::new(()),
         }
     }
 
@@ -401,6 +346,18 @@ pub struct Tally {
     pub appended: u64,
     pub repeated: u64,
     pub refused: u64,
+}
+
+impl Tally {
+    /// `n` events of one append: created (`Some(true)`), an idempotent repeat
+    /// (`Some(false)`) or refused (`None`).
+    pub fn record(&mut self, created: Option<bool>, n: u64) {
+        match created {
+            Some(true) => self.appended += n,
+            Some(false) => self.repeated += n,
+            None => self.refused += n,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -169,11 +169,7 @@ pub async fn ranking(
 
 /// `GET /projections`
 pub async fn list(State(s): State<AppState>) -> Json<Value> {
-    let mut out = Vec::new();
-    for p in s.engine.all() {
-        out.push(p.status().await);
-    }
-    Json(json!({ "projections": out }))
+    Json(json!({ "projections": s.engine.statuses().await }))
 }
 
 /// `GET /projections/{name}`

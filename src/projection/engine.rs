@@ -937,6 +937,15 @@ impl Engine {
         self.projections.values()
     }
 
+    /// Every projection's status object (`GET /projections`, metrics).
+    pub async fn statuses(&self) -> Vec<Value> {
+        let mut out = Vec::with_capacity(self.projections.len());
+        for p in self.all() {
+            out.push(p.status().await);
+        }
+        out
+    }
+
     /// Projections whose live generation halted.
     pub fn failed(&self) -> Vec<String> {
         self.all()
