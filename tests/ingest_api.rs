@@ -506,12 +506,15 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn open(dir: &std::path::Path) -> Arc<InFlight> {
-        Arc::new(InFlight {
+    /// refold on this log over the embedded one in `dir`.
+    async fn start(dir: &std::path::Path) -> (Arc<InFlight>, Svc) {
+        let log = Arc::new(InFlight {
             inner: EmbeddedLog::open(dir).unwrap(),
             verdicts: Default::default(),
             sent: tokio::sync::watch::channel(0).0,
-        })
+        });
+        let svc = start_on(&embedded_config(dir), log.clone()).await;
+        (log, svc)
     }
 
     /// Resolves the oldest waiting delivery: confirmed, or failed.
@@ -519,6 +522,12 @@ impl InFlight {
         let next = self.verdicts.lock().unwrap().pop_front();
         next.expect("a delivery waiting").send(ok).unwrap();
     }
+}
+
+/// Posts `body` to `uri` in a task of its own: the answer, once it comes.
+fn spawn_post(app: &Router, uri: &'static str, body: Value) -> tokio::task::JoinHandle<Resp> {
+    let app = app.clone();
+    tokio::spawn(async move { post_json(&app, uri, body).await })
 }
 
 #[async_trait]
@@ -577,12 +586,8 @@ async fn the_next_batch_is_sent_while_one_is_in_flight_and_fails_with_it() {
     // may not be in the log"), the writer re-reads the log, and the stream's
     // versions continue without a gap; retries are idempotent.
     let dir = tempfile::tempdir().unwrap();
-    let log = InFlight::open(dir.path());
-    let s = start_on(&embedded_config(dir.path()), log.clone()).await;
-    let post = |body: Value| {
-        let app = s.app.clone();
-        tokio::spawn(async move { post_json(&app, "/streams/post-7/events", body).await })
-    };
+    let (log, s) = InFlight::start(dir.path()).await;
+    let post = |body: Value| spawn_post(&s.app, "/streams/post-7/events", body);
     let mut sent = log.sent.subscribe();
     let (id_a, id_b) = (Uuid::new_v4(), Uuid::new_v4());
     let a = post(json!({"id": id_a, "type": "PostLiked", "data": {"n": 1}}));
@@ -652,12 +657,8 @@ async fn a_retry_of_an_append_in_flight_is_a_repeat_and_refusals_on_a_failed_bat
     // position once it is. And a refusal decided against a batch that then
     // failed (its heads may never exist) is not given: 503, retry.
     let dir = tempfile::tempdir().unwrap();
-    let log = InFlight::open(dir.path());
-    let s = start_on(&embedded_config(dir.path()), log.clone()).await;
-    let post = |body: Value| {
-        let app = s.app.clone();
-        tokio::spawn(async move { post_json(&app, "/streams/post-8/events", body).await })
-    };
+    let (log, s) = InFlight::start(dir.path()).await;
+    let post = |body: Value| spawn_post(&s.app, "/streams/post-8/events", body);
     // The writer holds `n` requests (each holds `body_limit` of the budget, as
     // these carry no Content-Length, until it is answered) and none waits in its
     // queue: the last one is planned. A batch of repeats or refusals sends no
