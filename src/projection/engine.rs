@@ -257,6 +257,65 @@ async fn worker(ctx: Arc<Ctx>, g: Arc<Generation>, partition: u32) {
     }
 }
 
+/// A read of the log, decoded: what the worker folds.
+struct Decoded {
+    inputs: Vec<Input>,
+    /// Records read, tombstones included.
+    count: usize,
+    bytes: usize,
+    last: Option<u64>,
+    next_offset: u64,
+}
+
+/// How many decoded batches a partition's reader keeps ready beyond the one it
+/// reads: with the one the worker folds, at most three batches of
+/// [`READ_BATCH_BYTES`] per partition are in memory (I9).
+const READ_AHEAD: usize = 1;
+
+/// Reads and decodes a partition ahead of its worker, so that the next batch is
+/// read and parsed while the current one is folded and committed (two cores at
+/// work instead of one). Ends when the worker drops the receiver.
+fn read_ahead(
+    mut reader: Box<dyn crate::log::PartitionReader>,
+    max: usize,
+) -> (
+    tokio::sync::mpsc::Receiver<anyhow::Result<Decoded>>,
+    AbortOnDrop,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
+    let task = tokio::spawn(async move {
+        loop {
+            let batch = match reader.next(max, POLL_WAIT).await {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
+            let decoded = Decoded {
+                count: batch.records.len(),
+                bytes: batch.records.iter().map(|r| r.record.size()).sum(),
+                last: batch.records.last().map(|r| r.offset),
+                next_offset: batch.next_offset,
+                inputs: batch.records.into_iter().filter_map(decode).collect(),
+            };
+            if tx.send(Ok(decoded)).await.is_err() {
+                return;
+            }
+        }
+    });
+    (rx, AbortOnDrop(task))
+}
+
+/// Aborts a task when dropped (a worker's reader, when the worker returns).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn run_partition(
     ctx: &Ctx,
     g: &Generation,
@@ -267,20 +326,32 @@ async fn run_partition(
     let mut expected = session.checkpoint().await?;
     let mut next = expected.unwrap_or(0);
     g.applied.send_modify(|a| a[partition as usize] = next);
-    let mut reader = ctx.log.reader(&ctx.topic, partition, next).await?;
+    let reader = ctx.log.reader(&ctx.topic, partition, next).await?;
+    let (mut reads, _reading) = read_ahead(reader, ctx.batch);
+    let mut receive = async || -> anyhow::Result<Decoded> {
+        match reads.recv().await {
+            Some(read) => read,
+            None => anyhow::bail!("the partition's reader stopped"),
+        }
+    };
+    // A read that did not fit into the batch before: the next batch starts with it.
+    let mut held: Option<Decoded> = None;
     let mut checked = Instant::now();
     // When this worker last committed (the first batch commits at once).
     let mut committed: Option<Instant> = None;
     let empty = DocReads::new();
     loop {
-        let mut batch = tokio::select! {
-            b = reader.next(ctx.batch, POLL_WAIT) => b?,
-            _ = stop.changed() => return Ok(Restart::Stop),
+        let mut batch = match held.take() {
+            Some(b) => b,
+            None => tokio::select! {
+                b = receive() => b?,
+                _ = stop.changed() => return Ok(Restart::Stop),
+            },
         };
         if *stop.borrow() {
             return Ok(Restart::Stop);
         }
-        if batch.records.is_empty() {
+        if batch.count == 0 {
             if checked.elapsed() >= IDLE_CHECK {
                 checked = Instant::now();
                 let found = session.checkpoint().await?;
@@ -296,10 +367,9 @@ async fn run_partition(
         let gather_until = committed
             .filter(|_| g.def.store == StoreKind::Elasticsearch)
             .map(|c| c + ctx.commit_interval);
-        let mut bytes: usize = batch.records.iter().map(|r| r.record.size()).sum();
         // A read returns up to READ_BATCH_BYTES: gathering stops at half of it,
-        // so a batch holds less than 1.5 times that (I9).
-        while batch.records.len() < ctx.batch && bytes < READ_BATCH_BYTES / 2 {
+        // so a batch holds less than 1.5 times that (I9), and at `batch` events.
+        while batch.count < ctx.batch && batch.bytes < READ_BATCH_BYTES / 2 {
             let wait = gather_until.map_or(Duration::ZERO, |t| {
                 t.saturating_duration_since(Instant::now())
             });
@@ -307,17 +377,26 @@ async fn run_partition(
                 break;
             }
             let more = tokio::select! {
-                b = reader.next(ctx.batch - batch.records.len(), wait) => b?,
+                b = tokio::time::timeout(wait, receive()) => match b {
+                    Ok(more) => more?,
+                    Err(_) => break,
+                },
                 _ = stop.changed() => return Ok(Restart::Stop),
             };
+            if batch.count + more.count > ctx.batch {
+                held = Some(more);
+                break;
+            }
+            batch.count += more.count;
+            batch.bytes += more.bytes;
+            batch.last = more.last.or(batch.last);
             batch.next_offset = more.next_offset;
-            bytes += more.records.iter().map(|r| r.record.size()).sum::<usize>();
-            batch.records.extend(more.records);
+            batch.inputs.extend(more.inputs);
         }
-        let count = batch.records.len() as u64;
-        let last = batch.records.last().map(|r| r.offset).unwrap_or(next);
+        let count = batch.count as u64;
+        let last = batch.last.unwrap_or(next);
         let upto = batch.next_offset.max(last + 1);
-        let inputs: Vec<Input> = batch.records.into_iter().filter_map(decode).collect();
+        let inputs = batch.inputs;
         let reads = if !g.def.reads_before_fold() {
             None
         } else {
@@ -695,7 +774,17 @@ impl Projection {
 
     /// The status object of `GET /projections/{name}`.
     pub async fn status(&self) -> Value {
-        let live = self.live();
+        // The live generation and the replay are read together, under the replay
+        // lock: a switch changes both while it holds that lock, so a status never
+        // shows the old generation with the replay already gone.
+        let (live, replay, replaying) = {
+            let slot = self.replay.lock().await;
+            (
+                self.live(),
+                slot.as_ref().map(|r| self.replay_status(r)),
+                slot.as_ref().is_some_and(|r| r.error.is_none()),
+            )
+        };
         let ends = self.ctx.log.end_offsets(&self.ctx.topic).await.ok();
         let applied = live.applied();
         let partitions: Vec<Value> = applied
@@ -717,11 +806,10 @@ impl Projection {
             Ok((n, r)) => (Some(n), r),
             Err(_) => (None, Vec::new()),
         };
-        let replay = self.replay.lock().await;
         let failure = live.failure();
         let state = if failure.is_some() {
             "failed"
-        } else if replay.as_ref().is_some_and(|r| r.error.is_none()) {
+        } else if replaying {
             "replaying"
         } else {
             "running"
@@ -740,7 +828,7 @@ impl Projection {
             "events_per_sec": round(live.per_sec()),
             "dead_letters": {"count": dead_count, "recent": recent},
             "error": failure,
-            "replay": replay.as_ref().map(|r| self.replay_status(r)),
+            "replay": replay,
         })
     }
 }
