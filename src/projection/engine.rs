@@ -292,19 +292,39 @@ fn read_ahead(
                     return;
                 }
             };
-            let decoded = Decoded {
+            let decoded = off_the_runtime(batch.records.len(), move || Decoded {
                 count: batch.records.len(),
                 bytes: batch.records.iter().map(|r| r.record.size()).sum(),
                 last: batch.records.last().map(|r| r.offset),
                 next_offset: batch.next_offset,
                 inputs: batch.records.into_iter().filter_map(decode).collect(),
-            };
+            })
+            .await;
             if tx.send(Ok(decoded)).await.is_err() {
                 return;
             }
         }
     });
     (rx, AbortOnDrop(task))
+}
+
+/// Batches from this many events up are decoded and folded on the blocking pool.
+const OFFLOAD_FROM: usize = 64;
+
+/// Runs CPU-bound work on a batch of `events`: on the blocking pool when the batch
+/// is large, so that the runtime's threads (which serve HTTP too) are not held for
+/// milliseconds; in place when it is small, where the hand-off would cost more.
+async fn off_the_runtime<T: Send + 'static>(
+    events: usize,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    if events < OFFLOAD_FROM {
+        return work();
+    }
+    match tokio::task::spawn_blocking(work).await {
+        Ok(out) => out,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 /// Aborts a task when dropped (a worker's reader, when the worker returns).
@@ -339,7 +359,6 @@ async fn run_partition(
     let mut checked = Instant::now();
     // When this worker last committed (the first batch commits at once).
     let mut committed: Option<Instant> = None;
-    let empty = DocReads::new();
     loop {
         let mut batch = match held.take() {
             Some(b) => b,
@@ -403,7 +422,11 @@ async fn run_partition(
             let keys = fold::keys_to_read(&g.def, &inputs);
             Some(session.read_fields(&keys, &g.def.doc_reads).await?)
         };
-        let mut fx = fold::fold(&g.def, &inputs, reads.as_ref().unwrap_or(&empty));
+        let def = g.def.clone();
+        let mut fx = off_the_runtime(inputs.len(), move || {
+            fold::fold(&def, &inputs, reads.as_ref().unwrap_or(&DocReads::new()))
+        })
+        .await;
         if let Some(at) = fx.halted_at {
             // Halted here before (and restarted since): its dead letter is recorded.
             let (_, newest) = g.store.dead_letters(&g.id, 16).await?;

@@ -10,8 +10,13 @@
 //! only the log needs every commit on disk. Metadata writes (generations, replay
 //! switches) are always durable.
 //!
-//! Each key's read model is one record (its fields, sets, lists and distinct
-//! values), read and rewritten once per batch. Differences from Redis, by design:
+//! Each key's read model is one record (its values, counters and capped lists),
+//! read and rewritten once per batch; the members of its sets and the values its
+//! distinct counts have seen are rows of their own, so a batch writes only the
+//! members it adds or removes, however large the set (a popular post's viewers).
+//! The record keeps each such field's row count. The file records its layout
+//! ([`LAYOUT`]): read models written in an older layout are dropped when the file
+//! is opened and rebuilt from the log. Differences from Redis, by design:
 //! `count_distinct` is exact here (a set of the values seen) where Redis estimates
 //! with HyperLogLog; rankings keep a score index so the top members are a range
 //! scan, ordered as ZREVRANGE orders them.
@@ -23,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
+    WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -40,6 +46,11 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const CKPT: TableDefinition<(&str, u32), u64> = TableDefinition::new("checkpoints");
 /// (generation, key) -> StoredDoc (JSON)
 const DOCS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("docs");
+/// (generation, key, field, member) -> (): the members of set fields and the
+/// values distinct fields have seen, one row each
+const MEMBERS: TableDefinition<(&str, &str, &str, &str), ()> = TableDefinition::new("members");
+/// "layout" -> the layout of the read models in this file ([`LAYOUT`])
+const FORMAT: TableDefinition<&str, u32> = TableDefinition::new("format");
 /// (generation, ranking, member) -> score
 const RANK: TableDefinition<(&str, &str, &str), f64> = TableDefinition::new("rank");
 /// (generation, ranking, ordered score, member) -> ()
@@ -50,6 +61,24 @@ const DEAD: TableDefinition<(&str, u64), &str> = TableDefinition::new("dead_lett
 const DEAD_COUNT: TableDefinition<&str, u64> = TableDefinition::new("dead_count");
 
 const CACHE_BYTES: usize = 64 << 20;
+
+/// The layout this version writes. 1: sets and distinct values inside each key's
+/// record; 2: as rows of [`MEMBERS`].
+pub const LAYOUT: u32 = 2;
+
+/// Every table that holds read models or their metadata.
+macro_rules! each_table {
+    ($m:ident!($($arg:tt)*)) => {
+        $m!($($arg)* META);
+        $m!($($arg)* CKPT);
+        $m!($($arg)* DOCS);
+        $m!($($arg)* MEMBERS);
+        $m!($($arg)* RANK);
+        $m!($($arg)* RANK_IDX);
+        $m!($($arg)* DEAD);
+        $m!($($arg)* DEAD_COUNT);
+    };
+}
 
 /// A key's stored read model.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -62,10 +91,14 @@ struct StoredDoc {
 enum Stored {
     Value(Value),
     Counter(i64),
-    Set(BTreeSet<String>),
-    Distinct(BTreeSet<String>),
+    /// A set field: how many member rows it has.
+    Set(u64),
+    /// A distinct count: how many value rows it has.
+    Distinct(u64),
     List(VecDeque<String>),
 }
+
+type Members<'t> = redb::Table<'t, (&'static str, &'static str, &'static str, &'static str), ()>;
 
 pub struct EmbeddedKv {
     db: Arc<Database>,
@@ -118,17 +151,7 @@ impl EmbeddedKv {
                 )),
                 e => storage(format!("cannot open {}: {e}", path.display())),
             })?;
-        let txn = db.begin_write().map_err(storage)?;
-        {
-            txn.open_table(META).map_err(storage)?;
-            txn.open_table(CKPT).map_err(storage)?;
-            txn.open_table(DOCS).map_err(storage)?;
-            txn.open_table(RANK).map_err(storage)?;
-            txn.open_table(RANK_IDX).map_err(storage)?;
-            txn.open_table(DEAD).map_err(storage)?;
-            txn.open_table(DEAD_COUNT).map_err(storage)?;
-        }
-        txn.commit().map_err(storage)?;
+        check_layout(&db, &path)?;
         Ok(Self {
             db: Arc::new(db),
             durable: Arc::new(Mutex::new(Instant::now())),
@@ -163,18 +186,81 @@ async fn blocking<T: Send + 'static>(
         .map_err(storage)
 }
 
+/// Creates the tables of a new file and records [`LAYOUT`]; drops read models
+/// written in an older layout (the workers rebuild them from the log); refuses a
+/// file written by a newer refold.
+fn check_layout(db: &Database, path: &Path) -> StoreResult<()> {
+    let txn = db.begin_write().map_err(storage)?;
+    let found = txn
+        .open_table(FORMAT)
+        .map_err(storage)?
+        .get("layout")
+        .map_err(storage)?
+        .map(|v| v.value());
+    let found = match found {
+        Some(v) => v,
+        // Before the layout was recorded: layout 1 if anything was ever written.
+        None => {
+            let used = txn
+                .list_tables()
+                .map_err(storage)?
+                .any(|t| t.name() == META.name());
+            if used { 1 } else { LAYOUT }
+        }
+    };
+    if found > LAYOUT {
+        return Err(storage(format!(
+            "{} holds read models in layout {found}, written by a newer refold (this one writes layout {LAYOUT}); run that version or pick another --data-dir",
+            path.display()
+        )));
+    }
+    if found < LAYOUT {
+        tracing::warn!(path = %path.display(), layout = found, now = LAYOUT,
+            "the embedded read models were written in an older layout: dropping them; every projection is rebuilt from the log");
+        macro_rules! delete {
+            ($t:ident) => {
+                txn.delete_table($t).map_err(storage)?;
+            };
+        }
+        each_table!(delete!());
+    }
+    macro_rules! create {
+        ($t:ident) => {
+            txn.open_table($t).map_err(storage)?;
+        };
+    }
+    each_table!(create!());
+    txn.open_table(FORMAT)
+        .map_err(storage)?
+        .insert("layout", LAYOUT)
+        .map_err(storage)?;
+    txn.commit().map_err(storage)?;
+    Ok(())
+}
+
 fn read_doc(bytes: &[u8]) -> StoredDoc {
     serde_json::from_slice(bytes).unwrap_or_default()
 }
 
-fn render(schema: &Schema, doc: StoredDoc) -> Map<String, Value> {
+/// A key's read model with the members of its set fields (field → members).
+fn render(
+    schema: &Schema,
+    doc: StoredDoc,
+    mut sets: BTreeMap<String, Vec<String>>,
+) -> Map<String, Value> {
     let mut out = Map::new();
     for (field, stored) in doc.fields {
         let v = match stored {
             Stored::Value(v) => v,
             Stored::Counter(n) => Value::from(n),
-            Stored::Set(s) => Value::Array(s.iter().map(|m| parse_json(m)).collect()),
-            Stored::Distinct(s) => Value::from(s.len()),
+            Stored::Set(_) => Value::Array(
+                sets.remove(&field)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|m| parse_json(m))
+                    .collect(),
+            ),
+            Stored::Distinct(n) => Value::from(n),
             Stored::List(l) => Value::Array(l.iter().map(|m| parse_json(m)).collect()),
         };
         out.insert(field, v);
@@ -182,8 +268,34 @@ fn render(schema: &Schema, doc: StoredDoc) -> Map<String, Value> {
     with_defaults(schema, out)
 }
 
-/// Applies one field's combined change to a stored document.
-fn apply_field(doc: &mut StoredDoc, field: &str, delta: &FieldDelta) {
+/// The range of `key`'s member rows: every field's, or `field`'s.
+fn clear_members(
+    members: &mut Members<'_>,
+    gid: &str,
+    key: &str,
+    field: Option<&str>,
+) -> Result<(), redb::Error> {
+    match field {
+        None => {
+            let hi = after(key);
+            members.retain_in((gid, key, "", "")..(gid, hi.as_str(), "", ""), |_, _| false)?;
+        }
+        Some(f) => {
+            let hi = after(f);
+            members.retain_in((gid, key, f, "")..(gid, key, hi.as_str(), ""), |_, _| false)?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies one field's combined change to a stored document and its member rows.
+fn apply_field(
+    doc: &mut StoredDoc,
+    members: &mut Members<'_>,
+    (gid, key): (&str, &str),
+    field: &str,
+    delta: &FieldDelta,
+) -> Result<(), redb::Error> {
     let fits = matches!(
         (doc.fields.get(field), delta),
         (Some(Stored::Counter(_)), FieldDelta::Incr(_))
@@ -193,11 +305,14 @@ fn apply_field(doc: &mut StoredDoc, field: &str, delta: &FieldDelta) {
     );
     if !fits {
         // Absent (or of another kind, after a definition change): start afresh.
+        if let Some(Stored::Set(_) | Stored::Distinct(_)) = doc.fields.get(field) {
+            clear_members(members, gid, key, Some(field))?;
+        }
         let fresh = match delta {
             FieldDelta::Set(v) => Stored::Value(v.clone()),
             FieldDelta::Incr(_) => Stored::Counter(0),
-            FieldDelta::Members(_) => Stored::Set(BTreeSet::new()),
-            FieldDelta::Distinct(_) => Stored::Distinct(BTreeSet::new()),
+            FieldDelta::Members(_) => Stored::Set(0),
+            FieldDelta::Distinct(_) => Stored::Distinct(0),
             FieldDelta::Push { .. } => Stored::List(VecDeque::new()),
         };
         doc.fields.insert(field.to_owned(), fresh);
@@ -205,16 +320,28 @@ fn apply_field(doc: &mut StoredDoc, field: &str, delta: &FieldDelta) {
     let slot = doc.fields.get_mut(field).expect("inserted above");
     match (slot, delta) {
         (Stored::Counter(n), FieldDelta::Incr(by)) => *n = n.saturating_add(*by),
-        (Stored::Set(s), FieldDelta::Members(m)) => {
+        (Stored::Set(n), FieldDelta::Members(m)) => {
             for (member, present) in m {
+                let row = (gid, key, field, member.as_str());
                 if *present {
-                    s.insert(member.clone());
-                } else {
-                    s.remove(member);
+                    if members.insert(row, ())?.is_none() {
+                        *n += 1;
+                    }
+                } else if members.remove(row)?.is_some() {
+                    *n -= 1;
                 }
             }
         }
-        (Stored::Distinct(s), FieldDelta::Distinct(d)) => s.extend(d.iter().cloned()),
+        (Stored::Distinct(n), FieldDelta::Distinct(d)) => {
+            for value in d {
+                if members
+                    .insert((gid, key, field, value.as_str()), ())?
+                    .is_none()
+                {
+                    *n += 1;
+                }
+            }
+        }
         (Stored::List(l), FieldDelta::Push { items, cap }) => {
             for item in items.iter().rev() {
                 l.push_front(item.clone());
@@ -224,12 +351,15 @@ fn apply_field(doc: &mut StoredDoc, field: &str, delta: &FieldDelta) {
         (slot, FieldDelta::Set(v)) => *slot = Stored::Value(v.clone()),
         _ => unreachable!("the slot was made to fit the delta"),
     }
+    Ok(())
 }
 
 fn apply_effects(txn: &WriteTransaction, gid: &str, fx: &Effects) -> Result<(), redb::Error> {
     let mut docs = txn.open_table(DOCS)?;
+    let mut members = txn.open_table(MEMBERS)?;
     for (key, delta) in &fx.docs {
         let mut doc = if delta.reset {
+            clear_members(&mut members, gid, key, None)?;
             StoredDoc::default()
         } else {
             docs.get((gid, key.as_str()))?
@@ -237,11 +367,11 @@ fn apply_effects(txn: &WriteTransaction, gid: &str, fx: &Effects) -> Result<(), 
                 .unwrap_or_default()
         };
         for (field, d) in &delta.fields {
-            apply_field(&mut doc, field, d);
+            apply_field(&mut doc, &mut members, (gid, key), field, d)?;
         }
         // As in Redis, an emptied set or list no longer exists.
         doc.fields.retain(|_, v| match v {
-            Stored::Set(s) => !s.is_empty(),
+            Stored::Set(n) => *n > 0,
             Stored::List(l) => !l.is_empty(),
             _ => true,
         });
@@ -358,15 +488,33 @@ impl Store for EmbeddedKv {
         key: &str,
     ) -> StoreResult<Option<Map<String, Value>>> {
         let (gid, key) = (gen_id(generation), key.to_owned());
-        let doc = self
+        let found = self
             .blocking(move |db| {
                 let txn = db.begin_read()?;
                 let t = txn.open_table(DOCS)?;
-                Ok(t.get((gid.as_str(), key.as_str()))?
-                    .map(|v| read_doc(v.value())))
+                let Some(doc) = t
+                    .get((gid.as_str(), key.as_str()))?
+                    .map(|v| read_doc(v.value()))
+                else {
+                    return Ok(None);
+                };
+                let rows = txn.open_table(MEMBERS)?;
+                let mut sets = BTreeMap::new();
+                for (field, stored) in &doc.fields {
+                    if !matches!(stored, Stored::Set(_)) {
+                        continue;
+                    }
+                    let (k, f, hi) = (key.as_str(), field.as_str(), after(field));
+                    let members = rows
+                        .range((gid.as_str(), k, f, "")..(gid.as_str(), k, hi.as_str(), ""))?
+                        .map(|row| Ok(row?.0.value().3.to_owned()))
+                        .collect::<Result<Vec<_>, redb::Error>>()?;
+                    sets.insert(field.clone(), members);
+                }
+                Ok(Some((doc, sets)))
             })
             .await?;
-        Ok(doc.map(|d| render(schema, d)))
+        Ok(found.map(|(doc, sets)| render(schema, doc, sets)))
     }
 
     async fn dead_letters(
@@ -408,6 +556,7 @@ impl Store for EmbeddedKv {
             let txn = db.begin_write()?;
             drop_prefix!(txn, CKPT, g, (g, 0u32), (h, 0u32));
             drop_prefix!(txn, DOCS, g, (g, ""), (h, ""));
+            drop_prefix!(txn, MEMBERS, g, (g, "", "", ""), (h, "", "", ""));
             drop_prefix!(txn, RANK, g, (g, "", ""), (h, "", ""));
             drop_prefix!(txn, RANK_IDX, g, (g, "", 0u64, ""), (h, "", 0u64, ""));
             drop_prefix!(txn, DEAD, g, (g, 0u64), (h, 0u64));
@@ -566,6 +715,7 @@ impl Session for RedbSession {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use redb::ReadableTableMetadata;
 
     #[test]
     fn score_order_is_numeric_order() {
@@ -577,10 +727,74 @@ mod tests {
 
     #[test]
     fn a_field_of_another_kind_starts_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("t.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        let mut rows = txn.open_table(MEMBERS).unwrap();
         let mut doc = StoredDoc::default();
-        apply_field(&mut doc, "f", &FieldDelta::Set(Value::from("x")));
-        apply_field(&mut doc, "f", &FieldDelta::Incr(2));
-        apply_field(&mut doc, "f", &FieldDelta::Incr(3));
+        let mut apply = |d: FieldDelta| apply_field(&mut doc, &mut rows, ("g", "k"), "f", &d);
+        apply(FieldDelta::Distinct(
+            ["\"a\"".into(), "\"b\"".into()].into(),
+        ))
+        .unwrap();
+        apply(FieldDelta::Set(Value::from("x"))).unwrap();
+        apply(FieldDelta::Incr(2)).unwrap();
+        apply(FieldDelta::Incr(3)).unwrap();
         assert!(matches!(doc.fields["f"], Stored::Counter(5)));
+        // The distinct values' rows went with the field.
+        assert_eq!(rows.len().unwrap(), 0);
+    }
+
+    #[test]
+    fn read_models_of_an_older_layout_are_dropped_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("views.redb");
+        {
+            // Layout 1: no format table; a key's distinct values inside its record.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert("p", "{}").unwrap();
+            let old = r#"{"fields":{"v":{"distinct":["\"u1\""]}}}"#;
+            txn.open_table(DOCS)
+                .unwrap()
+                .insert(("p:1", "k"), old.as_bytes())
+                .unwrap();
+            txn.open_table(CKPT).unwrap().insert(("p:1", 0), 7).unwrap();
+            txn.commit().unwrap();
+        }
+        drop(EmbeddedKv::open(dir.path()).unwrap());
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        assert_eq!(txn.open_table(DOCS).unwrap().len().unwrap(), 0);
+        assert_eq!(txn.open_table(CKPT).unwrap().len().unwrap(), 0);
+        assert_eq!(txn.open_table(META).unwrap().len().unwrap(), 0);
+        let layout = txn.open_table(FORMAT).unwrap().get("layout").unwrap();
+        assert_eq!(layout.map(|v| v.value()), Some(LAYOUT));
+        drop(txn);
+        // A file of the current layout keeps its read models.
+        let w = db.begin_write().unwrap();
+        w.open_table(CKPT).unwrap().insert(("p:1", 0), 7).unwrap();
+        w.open_table(FORMAT)
+            .unwrap()
+            .insert("layout", LAYOUT + 1)
+            .unwrap();
+        w.commit().unwrap();
+        drop(db);
+        let err = EmbeddedKv::open(dir.path())
+            .err()
+            .expect("a newer layout is refused");
+        assert!(err.to_string().contains("newer refold"), "{err}");
+        let db = Database::open(&path).unwrap();
+        let w = db.begin_write().unwrap();
+        w.open_table(FORMAT)
+            .unwrap()
+            .insert("layout", LAYOUT)
+            .unwrap();
+        w.commit().unwrap();
+        drop(db);
+        drop(EmbeddedKv::open(dir.path()).unwrap());
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        assert_eq!(txn.open_table(CKPT).unwrap().len().unwrap(), 1);
     }
 }
