@@ -89,6 +89,10 @@ pub fn validate_type(t: &str) -> Result<(), String> {
     }
 }
 
+/// The record header naming the event's type, on every event the writer appends:
+/// readers can skip events of types they ignore without parsing them.
+pub const TYPE_HEADER: &str = "type";
+
 const EVENT_FIELDS: &[&str] = &["type", "data", "id", "metadata"];
 
 fn object(v: Value, field: &str) -> Result<Map<String, Value>, ApiError> {

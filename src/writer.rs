@@ -43,7 +43,7 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::error::ApiError;
-use crate::event::{AppendInput, Envelope, now_ms, rfc3339};
+use crate::event::{AppendInput, Envelope, TYPE_HEADER, now_ms, rfc3339};
 use crate::log::{
     Delivery, EventLog, LogError, LogResult, ProduceRecord, Record, partition_for, scan,
 };
@@ -836,7 +836,7 @@ impl WriterLoop {
                 record: Record {
                     key: env.key(),
                     value: Some(value),
-                    headers: vec![("type".into(), env.event_type.into_bytes())],
+                    headers: vec![(TYPE_HEADER.into(), env.event_type.into_bytes())],
                     timestamp_ms,
                 },
             });

@@ -8,6 +8,11 @@
 //! ([`super::store::Session::commit`]). A crash between batches loses nothing and applies
 //! nothing twice (I6). A batch is what the log holds when the worker reads (so
 //! batches grow while a commit is slow, and a hot key is written once per batch).
+//! A reader task per worker reads and decodes the next batch while the worker
+//! folds and commits, when the log holds more than a batch (a replay, a backlog);
+//! large batches are decoded and folded on the blocking pool, off the threads
+//! that serve HTTP. Events of types a definition has no operations for are
+//! skipped unparsed, by the record's `type` header.
 //! Document projections are paced besides: each commit is a new segment to
 //! refresh and merge (Elasticsearch, tantivy), so a worker that committed less
 //! than `commit_interval` ago gathers what arrives until then into the same batch
@@ -46,7 +51,7 @@ use super::fold::{self, DocReads, Input};
 use super::store::doc::{IndexSpec, Specs};
 use super::store::{Commit, GenInfo, GenRef, Meta, ReadStore, Store, StoreError, Stores};
 use crate::error::ApiError;
-use crate::event::Envelope;
+use crate::event::{Envelope, TYPE_HEADER};
 use crate::log::{ConsumedRecord, EventLog, READ_BATCH_BYTES};
 use crate::metrics::Metrics;
 use crate::position::Position;
@@ -220,8 +225,21 @@ impl Generation {
 }
 
 /// The record as fold input; `None` for a tombstone (an erased event, I5), which
-/// projections skip: erasure is deliberate, not bad input.
-fn decode(r: ConsumedRecord) -> Option<Input> {
+/// projections skip: erasure is deliberate, not bad input. Also `None`, without
+/// parsing it, for an event of a type the projection has no operations for,
+/// known from the record's `type` header (refold's writer sets it on every
+/// event): the fold would skip the event anyway.
+fn decode(r: ConsumedRecord, def: &Definition) -> Option<Input> {
+    let event_type = r
+        .record
+        .headers
+        .iter()
+        .find(|(name, _)| name == TYPE_HEADER);
+    if let Some((_, t)) = event_type
+        && std::str::from_utf8(t).is_ok_and(|t| def.ops_for(t).is_none())
+    {
+        return None;
+    }
     let event = serde_json::from_slice::<Envelope>(r.record.value.as_deref()?)
         .map_err(|e| format!("not an event envelope: {e}"));
     Some(Input {
@@ -267,45 +285,134 @@ struct Decoded {
     next_offset: u64,
 }
 
-/// How many decoded batches a partition's reader keeps ready beyond the one it
-/// reads: with the one the worker folds, at most three batches of
-/// [`READ_BATCH_BYTES`] per partition are in memory (I9).
-const READ_AHEAD: usize = 1;
+impl Decoded {
+    /// Appends the read that followed this one.
+    fn extend(&mut self, more: Decoded) {
+        self.count += more.count;
+        self.bytes += more.bytes;
+        self.last = more.last.or(self.last);
+        self.next_offset = more.next_offset;
+        self.inputs.extend(more.inputs);
+    }
+}
+
+/// What a partition's reader has read and decoded and its worker has not taken
+/// yet: at most `batch` events and [`READ_BATCH_BYTES`] (I9).
+struct Ahead {
+    slot: Mutex<Option<anyhow::Result<Decoded>>>,
+    /// The reader filled the slot.
+    filled: tokio::sync::Notify,
+    /// The worker emptied it.
+    taken: tokio::sync::Notify,
+    /// The worker waits for a read (it found the slot empty).
+    waiting: AtomicBool,
+    wanted: tokio::sync::Notify,
+}
 
 /// Reads and decodes a partition ahead of its worker, so that the next batch is
 /// read and parsed while the current one is folded and committed (two cores at
-/// work instead of one). Ends when the worker drops the receiver.
+/// work instead of one) when the log holds more than a batch (a replay, a
+/// backlog). Reads that arrive while the worker is busy join the one waiting for
+/// it, so the worker takes everything read so far: as before, batches grow while
+/// a commit is slow. At the end of the log the reader reads when the worker asks
+/// for its next batch. Ends when the returned guard is dropped.
 fn read_ahead(
     mut reader: Box<dyn crate::log::PartitionReader>,
+    def: Arc<Definition>,
     max: usize,
-) -> (
-    tokio::sync::mpsc::Receiver<anyhow::Result<Decoded>>,
-    AbortOnDrop,
-) {
-    let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
+) -> (Arc<Ahead>, AbortOnDrop) {
+    let ahead = Arc::new(Ahead {
+        slot: Mutex::new(None),
+        filled: tokio::sync::Notify::new(),
+        taken: tokio::sync::Notify::new(),
+        waiting: AtomicBool::new(false),
+        wanted: tokio::sync::Notify::new(),
+    });
+    let shared = ahead.clone();
     let task = tokio::spawn(async move {
         loop {
-            let batch = match reader.next(max, POLL_WAIT).await {
-                Ok(b) => b,
-                Err(e) => {
-                    let _ = tx.send(Err(e.into())).await;
-                    return;
+            let read = match reader.next(max, POLL_WAIT).await {
+                Ok(batch) => {
+                    let def = def.clone();
+                    Ok(off_the_runtime(batch.records.len(), move || Decoded {
+                        count: batch.records.len(),
+                        bytes: batch.records.iter().map(|r| r.record.size()).sum(),
+                        last: batch.records.last().map(|r| r.offset),
+                        next_offset: batch.next_offset,
+                        inputs: batch
+                            .records
+                            .into_iter()
+                            .filter_map(|r| decode(r, &def))
+                            .collect(),
+                    })
+                    .await)
                 }
+                Err(e) => Err(e.into()),
             };
-            let decoded = off_the_runtime(batch.records.len(), move || Decoded {
-                count: batch.records.len(),
-                bytes: batch.records.iter().map(|r| r.record.size()).sum(),
-                last: batch.records.last().map(|r| r.offset),
-                next_offset: batch.next_offset,
-                inputs: batch.records.into_iter().filter_map(decode).collect(),
-            })
-            .await;
-            if tx.send(Ok(decoded)).await.is_err() {
+            let failed = read.is_err();
+            // A read that stopped short of its limits reached the end of the log:
+            // the next one waits until the worker asks for it, so that what
+            // arrives while the worker folds and commits makes its next batch,
+            // as it would without a reader (reading at once would hand it one
+            // event at a time, and as many commits).
+            let ahead_of_worker = match &read {
+                Ok(d) => d.count >= max || d.bytes >= READ_BATCH_BYTES,
+                Err(_) => false,
+            };
+            let mut read = Some(read);
+            while let Some(r) = read.take() {
+                let taken = shared.taken.notified();
+                {
+                    let mut slot = shared.slot.lock().unwrap();
+                    match (slot.as_mut(), r) {
+                        (None, r) => *slot = Some(r),
+                        (Some(Ok(ready)), Ok(more))
+                            if ready.count + more.count <= max
+                                && ready.bytes + more.bytes <= READ_BATCH_BYTES =>
+                        {
+                            ready.extend(more)
+                        }
+                        // Full (or holding an error): wait until the worker took it.
+                        (Some(_), r) => read = Some(r),
+                    }
+                }
+                if read.is_some() {
+                    taken.await;
+                } else {
+                    shared.filled.notify_one();
+                }
+            }
+            if failed {
                 return;
+            }
+            if !ahead_of_worker {
+                loop {
+                    let wanted = shared.wanted.notified();
+                    if shared.waiting.swap(false, Ordering::AcqRel) {
+                        break;
+                    }
+                    wanted.await;
+                }
             }
         }
     });
-    (rx, AbortOnDrop(task))
+    (ahead, AbortOnDrop(task))
+}
+
+impl Ahead {
+    /// Everything read so far, waiting for the next read when there is none.
+    async fn take(&self) -> anyhow::Result<Decoded> {
+        loop {
+            let filled = self.filled.notified();
+            if let Some(read) = self.slot.lock().unwrap().take() {
+                self.taken.notify_one();
+                return read;
+            }
+            self.waiting.store(true, Ordering::Release);
+            self.wanted.notify_one();
+            filled.await;
+        }
+    }
 }
 
 /// Batches from this many events up are decoded and folded on the blocking pool.
@@ -347,13 +454,7 @@ async fn run_partition(
     let mut next = expected.unwrap_or(0);
     g.applied.send_modify(|a| a[partition as usize] = next);
     let reader = ctx.log.reader(&ctx.topic, partition, next).await?;
-    let (mut reads, _reading) = read_ahead(reader, ctx.batch);
-    let mut receive = async || -> anyhow::Result<Decoded> {
-        match reads.recv().await {
-            Some(read) => read,
-            None => anyhow::bail!("the partition's reader stopped"),
-        }
-    };
+    let (ahead, _reading) = read_ahead(reader, g.def.clone(), ctx.batch);
     // A read that did not fit into the batch before: the next batch starts with it.
     let mut held: Option<Decoded> = None;
     let mut checked = Instant::now();
@@ -363,7 +464,7 @@ async fn run_partition(
         let mut batch = match held.take() {
             Some(b) => b,
             None => tokio::select! {
-                b = receive() => b?,
+                b = ahead.take() => b?,
                 _ = stop.changed() => return Ok(Restart::Stop),
             },
         };
@@ -396,7 +497,7 @@ async fn run_partition(
                 break;
             }
             let more = tokio::select! {
-                b = tokio::time::timeout(wait, receive()) => match b {
+                b = tokio::time::timeout(wait, ahead.take()) => match b {
                     Ok(more) => more?,
                     Err(_) => break,
                 },
@@ -406,11 +507,7 @@ async fn run_partition(
                 held = Some(more);
                 break;
             }
-            batch.count += more.count;
-            batch.bytes += more.bytes;
-            batch.last = more.last.or(batch.last);
-            batch.next_offset = more.next_offset;
-            batch.inputs.extend(more.inputs);
+            batch.extend(more);
         }
         let count = batch.count as u64;
         let last = batch.last.unwrap_or(next);
@@ -1074,5 +1171,57 @@ impl Engine {
             }
             p.live().halt_workers().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::Record;
+
+    fn record(event_type: Option<&str>, value: &[u8]) -> ConsumedRecord {
+        ConsumedRecord {
+            partition: 0,
+            offset: 7,
+            record: Record {
+                key: "post-1/1".into(),
+                value: Some(value.to_vec()),
+                headers: event_type
+                    .map(|t| (TYPE_HEADER.to_owned(), t.as_bytes().to_vec()))
+                    .into_iter()
+                    .collect(),
+                timestamp_ms: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn events_of_types_without_operations_are_skipped_unparsed() {
+        let def = def::parse(
+            Path::new("t.toml"),
+            "name = \"t\"\nversion = 1\nstore = \"redis\"\nkey = \"data.k\"\n\
+             [[on.Liked]]\nop = \"incr\"\nfield = \"n\"\n",
+        )
+        .unwrap();
+        let envelope = br#"{"id":"6f1c1c52-6a3e-4f8e-9d1a-2b7c1f0e4a11","stream":"post-1","version":1,"type":"Liked","data":{"k":"a"},"recorded_at":"2026-01-01T00:00:00Z"}"#;
+        // Not parsed at all: not JSON, and no dead letter either.
+        assert!(decode(record(Some("Viewed"), b"not json"), &def).is_none());
+        let liked = decode(record(Some("Liked"), envelope), &def).unwrap();
+        assert_eq!(liked.event.unwrap().event_type, "Liked");
+        // A handled type that is not an envelope is still a dead letter, and a
+        // record without the header (another producer) is parsed.
+        assert!(
+            decode(record(Some("Liked"), b"not json"), &def)
+                .unwrap()
+                .event
+                .is_err()
+        );
+        assert!(
+            decode(record(None, b"not json"), &def)
+                .unwrap()
+                .event
+                .is_err()
+        );
+        assert!(decode(record(None, envelope), &def).unwrap().event.is_ok());
     }
 }
