@@ -268,7 +268,7 @@ fn render(
     with_defaults(schema, out)
 }
 
-/// The range of `key`'s member rows: every field's, or `field`'s.
+/// Removes `key`'s member rows: every field's, or `field`'s.
 fn clear_members(
     members: &mut Members<'_>,
     gid: &str,
