@@ -24,6 +24,12 @@ impl Broker {
     pub fn start(dir: tempfile::TempDir, port: u16) -> Broker {
         let bin = std::env::var("TEST_TANSU_BIN").unwrap_or_else(|_| "tansu".into());
         let url = format!("tcp://127.0.0.1:{port}");
+        // Kept beside its store (a restart appends), and shown if the test fails.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join(TANSU_LOG))
+            .expect("tansu's log file");
         let child = Command::new(&bin)
             .current_dir(dir.path())
             .args([
@@ -35,8 +41,8 @@ impl Broker {
                 "--storage-engine",
                 "sqlite://tansu.db",
             ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log.try_clone().expect("tansu's log file"))
+            .stderr(log)
             .spawn()
             .unwrap_or_else(|e| {
                 panic!("cannot start {bin} (set TEST_TANSU_BIN or run scripts/test.sh): {e}")
@@ -72,8 +78,20 @@ impl Drop for Broker {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if std::thread::panicking() {
+            let path = self.dir.path().join(TANSU_LOG);
+            let log = std::fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            eprintln!("--- last lines of {} ---", path.display());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }
+
+/// The broker's stdout and stderr, in its directory.
+const TANSU_LOG: &str = "tansu.log";
 
 /// The index `scripts/services.sh` adds to the shared broker's store (without it,
 /// tansu 0.6 reads headers in quadratic time).
