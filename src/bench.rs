@@ -66,7 +66,7 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
         LogBackend::Embedded => "embedded log",
         LogBackend::Kafka => "Kafka log adapter (rdkafka)",
     };
-    let read_name = match config.log {
+    let adapter_read = match config.log {
         LogBackend::Embedded => "embedded log read",
         LogBackend::Kafka => "Kafka log adapter read (rdkafka)",
     };
@@ -75,7 +75,7 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
         append,
         "events/s",
     ));
-    figures.push(raw(&format!("raw: {read_name}"), read, "events/s"));
+    figures.push(raw(&format!("raw: {adapter_read}"), read, "events/s"));
     // The same broker and settings through bare rdkafka clients: the limits.
     let (append, read) = match (&config.log, &config.kafka_brokers) {
         (LogBackend::Kafka, Some(brokers)) => {
@@ -105,7 +105,7 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
         _ => (append, read),
     };
     let (log_name, read_name) = match config.log {
-        LogBackend::Embedded => (log_name, read_name),
+        LogBackend::Embedded => (log_name, adapter_read),
         LogBackend::Kafka => ("bare rdkafka producer", "bare rdkafka consumer"),
     };
     pb.inc(1);
@@ -241,11 +241,7 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
     let events_read = raw_read(&log, &config.topic(crate::migrate::EVENTS)).await?;
     figures.push(raw(
         &format!(
-            "raw: {} of the events topic ({total} events, the records the replays read)",
-            match config.log {
-                LogBackend::Embedded => "embedded log read",
-                LogBackend::Kafka => "Kafka log adapter read (rdkafka)",
-            }
+            "raw: {adapter_read} of the events topic ({total} events, the records the replays read)"
         ),
         events_read,
         "events/s",
@@ -253,7 +249,7 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
     // On Kafka the bare consumer stays the limit; the embedded log has no
     // reader barer than its adapter, so the read of these very records is.
     let (read_name, read) = match config.log {
-        LogBackend::Embedded => (format!("{read_name} of the events topic"), events_read),
+        LogBackend::Embedded => (format!("{adapter_read} of the events topic"), events_read),
         LogBackend::Kafka => (read_name.to_owned(), read),
     };
     for (projection, store, write) in [

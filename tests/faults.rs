@@ -563,12 +563,7 @@ impl Drop for ShowLogsOnPanic<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
             for p in self.0 {
-                let log = p.log();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                eprintln!("--- last lines of {} ---", p.log_path.display());
-                for line in tail.iter().rev() {
-                    eprintln!("{line}");
-                }
+                common::show_log_tail(&p.log_path, 40);
             }
         }
     }

@@ -449,6 +449,13 @@ impl Gated {
     }
 }
 
+/// Whether a write goes to the events topic (not the stream heads' snapshots).
+fn to_events_topic(records: &[ProduceRecord]) -> bool {
+    records
+        .first()
+        .is_some_and(|r| r.topic.ends_with(".events"))
+}
+
 #[async_trait]
 impl EventLog for Gated {
     fn backend(&self) -> &'static str {
@@ -461,10 +468,7 @@ impl EventLog for Gated {
         self.inner.describe_topic(name).await
     }
     async fn append(&self, records: Vec<ProduceRecord>) -> LogResult<Vec<u64>> {
-        if records
-            .first()
-            .is_some_and(|r| r.topic.ends_with(".events"))
-        {
+        if to_events_topic(&records) {
             if *self.down.borrow() {
                 return Err(LogError::Unavailable("injected outage".into()));
             }
@@ -545,9 +549,7 @@ impl EventLog for InFlight {
         self.inner.append(records).await
     }
     async fn send(&self, records: Vec<ProduceRecord>) -> LogResult<refold::log::Delivery> {
-        let events = records
-            .first()
-            .is_some_and(|r| r.topic.ends_with(".events"));
+        let events = to_events_topic(&records);
         let landed = self.inner.append(records).await;
         if !events {
             return Ok(Box::pin(std::future::ready(landed)));

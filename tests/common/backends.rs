@@ -79,13 +79,7 @@ impl Drop for Broker {
             let _ = c.wait();
         }
         if std::thread::panicking() {
-            let path = self.dir.path().join(TANSU_LOG);
-            let log = std::fs::read_to_string(&path).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            eprintln!("--- last lines of {} ---", path.display());
-            for line in tail.iter().rev() {
-                eprintln!("{line}");
-            }
+            super::show_log_tail(&self.dir.path().join(TANSU_LOG), 30);
         }
     }
 }

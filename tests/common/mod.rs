@@ -230,6 +230,17 @@ pub struct Proc {
     pub log_path: std::path::PathBuf,
 }
 
+/// Prints the last `lines` lines of the log at `path` to stderr (for a test that
+/// is failing, before the file's directory is gone).
+pub fn show_log_tail(path: &Path, lines: usize) {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+    eprintln!("--- last lines of {} ---", path.display());
+    for line in tail.iter().rev() {
+        eprintln!("{line}");
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
