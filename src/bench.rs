@@ -1085,8 +1085,24 @@ fn peak_rss(what: &str) -> Figure {
 
 /// Resets this process's peak resident memory to what it holds now (Linux: 5 to
 /// `/proc/self/clear_refs`), after handing freed memory back to the system (the
-/// bench client's bodies); that, in MiB.
+/// bench client's bodies): jemalloc's (Rust's allocations) and glibc's (the C
+/// libraries'); that, in MiB.
 fn reset_peak_rss() -> Option<f64> {
+    #[cfg(not(target_env = "msvc"))]
+    {
+        // MALLCTL_ARENAS_ALL (4096): every arena.
+        let purge = c"arena.4096.purge";
+        // SAFETY: a purge takes no arguments and only releases unused pages.
+        unsafe {
+            tikv_jemalloc_sys::mallctl(
+                purge.as_ptr(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         unsafe extern "C" {
