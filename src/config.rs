@@ -162,8 +162,9 @@ pub struct Settings {
     /// Snapshot stream heads after this many events [default: 10000]
     #[arg(long, env = "REFOLD_SNAPSHOT_EVERY", value_name = "N")]
     pub snapshot_every: Option<u64>,
-    /// Most events a projection folds into one store write (reads stop at 1 MiB
-    /// whatever the count) [default: 5000]
+    /// Most events a projection folds into one store write (and at most 4 MiB of
+    /// them for key-value projections, 1.5 MiB for document projections,
+    /// whatever the count) [default: 20000]
     #[arg(long, env = "REFOLD_PROJECTION_BATCH", value_name = "N")]
     pub projection_batch: Option<usize>,
     /// Under load, a document projection's worker commits (and refreshes) at most
@@ -472,7 +473,7 @@ impl Config {
                     Duration::from_millis(ms.clamp(1, 10_000))
                 }),
             snapshot_every: s.snapshot_every.unwrap_or(10_000).max(1),
-            projection_batch: positive("projection_batch", s.projection_batch, 5000)?,
+            projection_batch: positive("projection_batch", s.projection_batch, 20_000)?,
             document_commit_interval: Duration::from_millis(
                 s.document_commit_interval_ms.unwrap_or(50),
             ),

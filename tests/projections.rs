@@ -178,6 +178,66 @@ async fn a_busy_document_worker_gathers_appends_into_one_commit_and_an_idle_one_
 }
 
 #[tokio::test]
+async fn a_key_value_worker_with_a_backlog_folds_several_reads_into_one_commit() {
+    // 1500 views of 10 KB on one stream (one partition), appended before any
+    // projection runs: post_stats starts with a backlog of about 15 MB. Reads stop
+    // at 1 MiB, so one commit per read would make at least 14 commits; a worker
+    // folds reads into the same commit up to 4 MiB of records (and
+    // `projection_batch` events, here far above), so at least 4 and a handful.
+    const EVENTS: usize = 1500;
+    const PAD: usize = 10_000;
+    let dir = tempfile::tempdir().unwrap();
+    let none = dir.path().join("no-projections");
+    std::fs::create_dir_all(&none).unwrap();
+    let (r, api) = start(&config(Settings {
+        data_dir: Some(dir.path().to_owned()),
+        projections: Some(none),
+        stream_history: Some(false),
+        ..Default::default()
+    }))
+    .await;
+    let pad = "x".repeat(PAD);
+    let events: Vec<String> = (0..EVENTS)
+        .map(|i| {
+            json!({"stream": "post-p1", "type": "PostViewed",
+                "data": {"post_id": "p1", "user_id": format!("u{i}"), "pad": pad}})
+            .to_string()
+        })
+        .collect();
+    for chunk in events.chunks(50) {
+        let (status, b) = api
+            .send("POST", "/events", "application/x-ndjson", chunk.join("\n"))
+            .await;
+        assert_eq!((status, &b["errors"]), (200, &json!(false)), "{b}");
+    }
+    r.stop().await;
+    drop(api); // it holds the log open
+
+    let (r, api) = start(&embedded(dir.path(), 1_000_000)).await;
+    let s = common::eventually(60, "post_stats to fold the backlog", || {
+        let api = &api;
+        async move {
+            let s = status(api, "post_stats").await;
+            (s["events"] == EVENTS && s["lag"] == 0).then_some(s)
+        }
+    })
+    .await;
+    let (_, view) = api.get("/views/post_stats/p1").await;
+    assert_eq!(
+        (&view["views"], &view["unique_viewers"]),
+        (&json!(EVENTS), &json!(EVENTS)),
+        "{view}"
+    );
+    let commits = s["commits"].as_u64().unwrap();
+    let least = (EVENTS * PAD).div_ceil(4 << 20) as u64;
+    assert!(
+        (least..=7).contains(&commits),
+        "{commits} commits for {EVENTS} events of {PAD} bytes: {s}"
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
 async fn kafka_redis_read_models_equal_the_oracle_with_a_competing_engine() {
     // A second engine projects the same projections into the same Redis at the same
     // time, as a second refold process would: checkpoint fencing must keep every

@@ -47,9 +47,9 @@ use tracing::{debug, info, warn};
 
 use super::def::StoreKind;
 use super::def::{self, DefError, Definition};
-use super::fold::{self, DocReads, Input};
+use super::fold::{self, DocReads, Effects, Input};
 use super::store::doc::{IndexSpec, Specs};
-use super::store::{Commit, GenInfo, GenRef, Meta, ReadStore, Store, StoreError, Stores};
+use super::store::{Commit, GenInfo, GenRef, Meta, ReadStore, Session, Store, StoreError, Stores};
 use crate::error::ApiError;
 use crate::event::{Envelope, TYPE_HEADER};
 use crate::log::{ConsumedRecord, EventLog, READ_BATCH_BYTES};
@@ -283,6 +283,9 @@ struct Decoded {
     bytes: usize,
     last: Option<u64>,
     next_offset: u64,
+    /// The last read stopped at its limits, not at the end of the log: the log
+    /// held more (a replay, a backlog).
+    full: bool,
 }
 
 impl Decoded {
@@ -292,6 +295,7 @@ impl Decoded {
         self.bytes += more.bytes;
         self.last = more.last.or(self.last);
         self.next_offset = more.next_offset;
+        self.full = more.full;
         self.inputs.extend(more.inputs);
     }
 }
@@ -334,16 +338,21 @@ fn read_ahead(
             let read = match reader.next(max, POLL_WAIT).await {
                 Ok(batch) => {
                     let def = def.clone();
-                    Ok(off_the_runtime(batch.records.len(), move || Decoded {
-                        count: batch.records.len(),
-                        bytes: batch.records.iter().map(|r| r.record.size()).sum(),
-                        last: batch.records.last().map(|r| r.offset),
-                        next_offset: batch.next_offset,
-                        inputs: batch
-                            .records
-                            .into_iter()
-                            .filter_map(|r| decode(r, &def))
-                            .collect(),
+                    Ok(off_the_runtime(batch.records.len(), move || {
+                        let count = batch.records.len();
+                        let bytes = batch.records.iter().map(|r| r.record.size()).sum();
+                        Decoded {
+                            count,
+                            bytes,
+                            last: batch.records.last().map(|r| r.offset),
+                            next_offset: batch.next_offset,
+                            full: count >= max || bytes >= READ_BATCH_BYTES,
+                            inputs: batch
+                                .records
+                                .into_iter()
+                                .filter_map(|r| decode(r, &def))
+                                .collect(),
+                        }
                     })
                     .await)
                 }
@@ -355,10 +364,7 @@ fn read_ahead(
             // arrives while the worker folds and commits makes its next batch,
             // as it would without a reader (reading at once would hand it one
             // event at a time, and as many commits).
-            let ahead_of_worker = match &read {
-                Ok(d) => d.count >= max || d.bytes >= READ_BATCH_BYTES,
-                Err(_) => false,
-            };
+            let ahead_of_worker = read.as_ref().is_ok_and(|d| d.full);
             let mut read = Some(read);
             while let Some(r) = read.take() {
                 let taken = shared.taken.notified();
@@ -509,21 +515,34 @@ async fn run_partition(
             }
             batch.extend(more);
         }
+        let inputs = std::mem::take(&mut batch.inputs);
+        let mut fx = fold_read(&mut *session, g, inputs, Effects::default()).await?;
+        // A key-value projection with a backlog (a replay, a restart) folds the
+        // reads that follow into the same effects, up to `batch` events and
+        // FOLD_BYTES of records: one commit then writes a key once for all of
+        // them. What it holds meanwhile is effects, not events. At the end of the
+        // log it commits at once.
+        while g.def.store == StoreKind::Redis
+            && batch.full
+            && fx.halted_at.is_none()
+            && batch.count < ctx.batch
+            && batch.bytes < FOLD_BYTES
+        {
+            let mut more = tokio::select! {
+                b = ahead.take() => b?,
+                _ = stop.changed() => return Ok(Restart::Stop),
+            };
+            if batch.count + more.count > ctx.batch || batch.bytes + more.bytes > FOLD_BYTES {
+                held = Some(more);
+                break;
+            }
+            let inputs = std::mem::take(&mut more.inputs);
+            batch.extend(more);
+            fx = fold_read(&mut *session, g, inputs, fx).await?;
+        }
         let count = batch.count as u64;
         let last = batch.last.unwrap_or(next);
         let upto = batch.next_offset.max(last + 1);
-        let inputs = batch.inputs;
-        let reads = if !g.def.reads_before_fold() {
-            None
-        } else {
-            let keys = fold::keys_to_read(&g.def, &inputs);
-            Some(session.read_fields(&keys, &g.def.doc_reads).await?)
-        };
-        let def = g.def.clone();
-        let mut fx = off_the_runtime(inputs.len(), move || {
-            fold::fold(&def, &inputs, reads.as_ref().unwrap_or(&DocReads::new()))
-        })
-        .await;
         if let Some(at) = fx.halted_at {
             // Halted here before (and restarted since): its dead letter is recorded.
             let (_, newest) = g.store.dead_letters(&g.id, 16).await?;
@@ -581,6 +600,36 @@ async fn run_partition(
             }
         }
     }
+}
+
+/// Most bytes of records a key-value projection folds into one commit (I9: the
+/// effects they leave are held until it).
+const FOLD_BYTES: usize = 4 * READ_BATCH_BYTES;
+
+/// Reads what the definition's `doc.` paths need of the keys `inputs` touch, and
+/// folds `inputs` on top of `fx`.
+async fn fold_read(
+    session: &mut dyn Session,
+    g: &Generation,
+    inputs: Vec<Input>,
+    fx: Effects,
+) -> anyhow::Result<Effects> {
+    let reads = if !g.def.reads_before_fold() {
+        None
+    } else {
+        let keys = fold::keys_to_read(&g.def, &inputs);
+        Some(session.read_fields(&keys, &g.def.doc_reads).await?)
+    };
+    let def = g.def.clone();
+    Ok(off_the_runtime(inputs.len(), move || {
+        fold::fold_into(
+            fx,
+            &def,
+            &inputs,
+            reads.as_ref().unwrap_or(&DocReads::new()),
+        )
+    })
+    .await)
 }
 
 fn fenced(g: &Generation, partition: u32, expected: Option<u64>, found: Option<u64>) {

@@ -12,6 +12,7 @@
 //! missing, a value has the wrong type), none of its effects stay and it becomes a
 //! [`DeadLetter`] (I8).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
@@ -131,7 +132,21 @@ pub fn keys_to_read(def: &Definition, inputs: &[Input]) -> BTreeSet<String> {
 
 /// Folds `inputs` (in log order) into combined effects.
 pub fn fold(def: &Definition, inputs: &[Input], stored: &DocReads) -> Effects {
-    let mut fx = Effects::default();
+    fold_into(Effects::default(), def, inputs, stored)
+}
+
+/// Folds `inputs` (in log order) on top of `fx`, the effects of the events before
+/// them, not committed yet (`stored` is what the store held before all of them).
+/// Returns at once if `fx` halted.
+pub fn fold_into(
+    mut fx: Effects,
+    def: &Definition,
+    inputs: &[Input],
+    stored: &DocReads,
+) -> Effects {
+    if fx.halted_at.is_some() {
+        return fx;
+    }
     for input in inputs {
         let env = match &input.event {
             Ok(env) => env,
@@ -194,33 +209,47 @@ fn apply_event(
     stored: &DocReads,
     fx: &mut Effects,
 ) -> Result<(), String> {
-    // All or nothing: the event's changes are worked out first, against a view of
-    // each key's delta that holds what operations read (its set and incremented
-    // fields, and whether it was deleted) plus this event's own changes; they are
-    // merged into the batch only when every operation succeeded. Nothing is
-    // copied that grows with the batch (sets, lists), so a hot key stays cheap.
-    let mut views: Vec<(String, DocDelta)> = Vec::new();
-    let mut changes: Vec<(String, Change)> = Vec::new();
+    // All or nothing: the event's changes are worked out first and merged into the
+    // batch only when every operation succeeded. An operation that reads the read
+    // model sees the batch's delta with this event's earlier changes on top
+    // ([`Ctx::doc`]); nothing of the batch is copied, so a hot key stays cheap.
+    // The keys this event touches, and the key each key path rendered (once).
+    let mut keys: Vec<String> = Vec::new();
+    let mut paths: Vec<(&ValuePath, usize)> = Vec::new();
+    // (index into `keys`, change)
+    let mut changes: Vec<(usize, Change<'_>)> = Vec::new();
     let mut ranks: Vec<(String, String, f64)> = Vec::new();
     for op in ops {
         let key_path = op.key.as_ref().unwrap_or(&def.key);
-        let key = render_key(event_value(key_path, env), key_path)?;
-        if stored.applied.get(&key).is_some_and(|a| offset < *a) {
+        let k = match paths.iter().find(|(p, _)| *p == key_path) {
+            Some((_, k)) => *k,
+            None => {
+                let key = render_key(event_value(key_path, env), key_path)?;
+                let k = match keys.iter().position(|k| *k == key) {
+                    Some(k) => k,
+                    None => {
+                        keys.push(key);
+                        keys.len() - 1
+                    }
+                };
+                paths.push((key_path, k));
+                k
+            }
+        };
+        let key = keys[k].as_str();
+        if stored.applied.get(key).is_some_and(|a| offset < *a) {
             // Already in the stored document (an earlier attempt of this batch).
             continue;
         }
-        let i = match views.iter().position(|(k, _)| *k == key) {
-            Some(i) => i,
-            None => {
-                views.push((key.clone(), read_view(fx.docs.get(&key))));
-                views.len() - 1
-            }
-        };
         let ctx = Ctx {
             env,
-            key: &key,
-            delta: Some(&views[i].1),
-            stored: stored.fields.get(&key),
+            key,
+            batch: fx.docs.get(key),
+            own: OwnChanges {
+                key: k,
+                changes: &changes,
+            },
+            stored: stored.fields.get(key),
             def,
         };
         match &op.kind {
@@ -237,13 +266,16 @@ fn apply_event(
             }
             kind => {
                 let change = ctx.change(kind)?;
-                merge(&mut views[i].1, change.clone());
-                changes.push((key, change));
+                changes.push((k, change));
             }
         }
     }
-    for (key, change) in changes {
-        merge(fx.docs.entry(key).or_default(), change);
+    for (k, change) in changes {
+        let key = &keys[k];
+        match fx.docs.get_mut(key) {
+            Some(delta) => merge(delta, change),
+            None => merge(fx.docs.entry(key.clone()).or_default(), change),
+        }
     }
     for (name, member, by) in ranks {
         *fx.rankings
@@ -255,86 +287,144 @@ fn apply_event(
     Ok(())
 }
 
-/// The part of a key's delta that operations read ([`Ctx::doc`]): set and
-/// incremented fields, and whether the key was deleted.
-fn read_view(delta: Option<&DocDelta>) -> DocDelta {
-    let Some(d) = delta else {
-        return DocDelta::default();
-    };
-    DocDelta {
-        reset: d.reset,
-        fields: d
-            .fields
-            .iter()
-            .filter(|(_, f)| matches!(f, FieldDelta::Set(_) | FieldDelta::Incr(_)))
-            .map(|(k, f)| (k.clone(), f.clone()))
-            .collect(),
+/// One operation's change, before combining; field names borrow from the
+/// definition.
+enum Change<'d> {
+    Delete,
+    Set(&'d str, Value),
+    Incr(&'d str, i64),
+    /// A member added (`true`) or removed.
+    Member(&'d str, String, bool),
+    Distinct(&'d str, String),
+    Push {
+        field: &'d str,
+        item: String,
+        cap: usize,
+    },
+}
+
+impl Change<'_> {
+    /// The field's delta when it holds only this change.
+    fn into_delta(self) -> FieldDelta {
+        match self {
+            Change::Delete => unreachable!("a delete is not a field's change"),
+            Change::Set(_, v) => FieldDelta::Set(v),
+            Change::Incr(_, n) => FieldDelta::Incr(n),
+            Change::Member(_, m, present) => FieldDelta::Members(BTreeMap::from([(m, present)])),
+            Change::Distinct(_, v) => FieldDelta::Distinct(BTreeSet::from([v])),
+            Change::Push { item, cap, .. } => FieldDelta::Push {
+                items: VecDeque::from([item]),
+                cap,
+            },
+        }
     }
 }
 
-/// One operation's change, before combining.
-#[derive(Clone)]
-enum Change {
-    Delete,
-    Field(String, FieldDelta),
-}
-
-fn merge(delta: &mut DocDelta, change: Change) {
-    let (field, new) = match change {
+fn merge(delta: &mut DocDelta, change: Change<'_>) {
+    let field = match &change {
         Change::Delete => {
             delta.reset = true;
             delta.fields.clear();
             return;
         }
-        Change::Field(f, d) => (f, d),
+        Change::Set(f, _)
+        | Change::Incr(f, _)
+        | Change::Member(f, ..)
+        | Change::Distinct(f, _)
+        | Change::Push { field: f, .. } => *f,
     };
-    match (delta.fields.get_mut(&field), new) {
-        (None, new) => {
-            delta.fields.insert(field, new);
+    let Some(slot) = delta.fields.get_mut(field) else {
+        delta.fields.insert(field.to_owned(), change.into_delta());
+        return;
+    };
+    match (slot, change) {
+        (FieldDelta::Incr(a), Change::Incr(_, b)) => *a = a.saturating_add(b),
+        (FieldDelta::Members(a), Change::Member(_, m, present)) => {
+            a.insert(m, present);
         }
-        (Some(FieldDelta::Incr(a)), FieldDelta::Incr(b)) => *a = a.saturating_add(b),
-        (Some(FieldDelta::Members(a)), FieldDelta::Members(b)) => a.extend(b),
-        (Some(FieldDelta::Distinct(a)), FieldDelta::Distinct(b)) => a.extend(b),
-        (Some(FieldDelta::Push { items, cap }), FieldDelta::Push { items: new, .. }) => {
-            for item in new.into_iter().rev() {
-                items.push_front(item);
-            }
+        (FieldDelta::Distinct(a), Change::Distinct(_, v)) => {
+            a.insert(v);
+        }
+        (FieldDelta::Push { items, cap }, Change::Push { item, .. }) => {
+            items.push_front(item);
             items.truncate(*cap);
         }
-        (Some(slot), new) => *slot = new,
+        (slot, change) => *slot = change.into_delta(),
     }
+}
+
+/// The changes an event made before the operation at hand, to one key.
+struct OwnChanges<'a, 'd> {
+    key: usize,
+    changes: &'a [(usize, Change<'d>)],
 }
 
 struct Ctx<'a> {
     env: &'a Envelope,
     key: &'a str,
-    delta: Option<&'a DocDelta>,
+    /// The key's delta in the batch so far (this event's changes not included).
+    batch: Option<&'a DocDelta>,
+    own: OwnChanges<'a, 'a>,
     stored: Option<&'a BTreeMap<String, Value>>,
     def: &'a Definition,
 }
 
+/// What the batch has done to a field that [`Ctx::doc`] can read.
+enum Seen<'a> {
+    Set(&'a Value),
+    Incr(i64),
+    /// Another kind of change: reads see the stored value.
+    Other,
+}
+
 impl Ctx<'_> {
-    fn value(&self, path: &ValuePath) -> Option<Value> {
+    fn value(&self, path: &ValuePath) -> Option<Cow<'_, Value>> {
         match path {
-            ValuePath::Key => Some(Value::String(self.key.to_owned())),
-            ValuePath::Doc(field) => self.doc(field),
+            ValuePath::Key => Some(Cow::Owned(Value::String(self.key.to_owned()))),
+            ValuePath::Doc(field) => self.doc(field).map(Cow::Owned),
             other => event_value(other, self.env),
         }
     }
 
-    /// What the read model holds for `field` now: stored, then this batch's delta.
+    /// What the read model holds for `field` now: stored, then this batch's delta,
+    /// then this event's earlier changes.
     fn doc(&self, field: &str) -> Option<Value> {
-        let reset = self.delta.is_some_and(|d| d.reset);
+        let mut reset = self.batch.is_some_and(|d| d.reset);
+        let mut seen = match self.batch.and_then(|d| d.fields.get(field)) {
+            Some(FieldDelta::Set(v)) => Some(Seen::Set(v)),
+            Some(FieldDelta::Incr(n)) => Some(Seen::Incr(*n)),
+            _ => None,
+        };
+        let own = self.own.changes.iter().filter(|(k, _)| *k == self.own.key);
+        for (_, change) in own {
+            seen = match change {
+                Change::Delete => {
+                    reset = true;
+                    None
+                }
+                Change::Set(f, v) if *f == field => Some(Seen::Set(v)),
+                Change::Incr(f, n) if *f == field => Some(match seen {
+                    Some(Seen::Incr(a)) => Seen::Incr(a.saturating_add(*n)),
+                    _ => Seen::Incr(*n),
+                }),
+                Change::Member(f, ..) | Change::Distinct(f, _) | Change::Push { field: f, .. }
+                    if *f == field =>
+                {
+                    Some(Seen::Other)
+                }
+                _ => seen,
+            };
+        }
         let stored = if reset {
             None
         } else {
             self.stored.and_then(|s| s.get(field)).cloned()
         };
-        match self.delta.and_then(|d| d.fields.get(field)) {
-            Some(FieldDelta::Set(v)) => Some(v.clone()),
-            Some(FieldDelta::Incr(n)) => {
+        match seen {
+            Some(Seen::Set(v)) => Some(v.clone()),
+            Some(Seen::Incr(n)) => {
                 let base = stored.as_ref().and_then(Value::as_i64).unwrap_or(0);
-                Some(Value::from(base.saturating_add(*n)))
+                Some(Value::from(base.saturating_add(n)))
             }
             _ => match self.def.schema.get(field) {
                 Some(FieldKind::Counter) => Some(stored.unwrap_or(Value::from(0))),
@@ -343,19 +433,18 @@ impl Ctx<'_> {
         }
     }
 
-    fn source(&self, s: &Source) -> Result<Value, String> {
+    fn source<'s>(&'s self, s: &'s Source) -> Result<Cow<'s, Value>, String> {
         match s {
-            Source::Const(v) => Ok(v.clone()),
+            Source::Const(v) => Ok(Cow::Borrowed(v)),
             Source::Path(p) => match self.value(p) {
-                Some(Value::Null) | None => Err(format!("`{p}` is missing")),
-                Some(v) => Ok(v),
+                Some(v) if !v.is_null() => Ok(v),
+                _ => Err(format!("`{p}` is missing")),
             },
         }
     }
 
     fn member(&self, s: &Source) -> Result<String, String> {
-        let v = self.source(s)?;
-        let json = v.to_string();
+        let json = self.source(s)?.to_string();
         if json.len() > MAX_KEY_BYTES {
             return Err(format!(
                 "value is {} bytes; at most {MAX_KEY_BYTES}",
@@ -383,7 +472,7 @@ impl Ctx<'_> {
         for part in &t.0 {
             match part {
                 Part::Lit(s) => out.push_str(s),
-                Part::Path(p) => out.push_str(&scalar(self.value(p), p)?),
+                Part::Path(p) => push_scalar(&mut out, self.value(p).as_deref(), p)?,
             }
         }
         if out.is_empty() || out.len() > MAX_KEY_BYTES {
@@ -392,38 +481,22 @@ impl Ctx<'_> {
         Ok(out)
     }
 
-    fn change(&self, kind: &OpKind) -> Result<Change, String> {
+    fn change<'d>(&self, kind: &'d OpKind) -> Result<Change<'d>, String> {
         Ok(match kind {
             OpKind::Delete => Change::Delete,
-            OpKind::Set { field, value } => {
-                Change::Field(field.clone(), FieldDelta::Set(self.source(value)?))
-            }
+            OpKind::Set { field, value } => Change::Set(field, self.source(value)?.into_owned()),
             OpKind::Incr { field, by, negate } => {
                 let n = self.integer(by)?;
-                Change::Field(
-                    field.clone(),
-                    FieldDelta::Incr(if *negate { n.saturating_neg() } else { n }),
-                )
+                Change::Incr(field, if *negate { n.saturating_neg() } else { n })
             }
-            OpKind::Add { field, value } => Change::Field(
-                field.clone(),
-                FieldDelta::Members(BTreeMap::from([(self.member(value)?, true)])),
-            ),
-            OpKind::Remove { field, value } => Change::Field(
-                field.clone(),
-                FieldDelta::Members(BTreeMap::from([(self.member(value)?, false)])),
-            ),
-            OpKind::CountDistinct { field, value } => Change::Field(
-                field.clone(),
-                FieldDelta::Distinct(BTreeSet::from([self.member(value)?])),
-            ),
-            OpKind::Push { field, value, cap } => Change::Field(
-                field.clone(),
-                FieldDelta::Push {
-                    items: VecDeque::from([self.member(value)?]),
-                    cap: *cap,
-                },
-            ),
+            OpKind::Add { field, value } => Change::Member(field, self.member(value)?, true),
+            OpKind::Remove { field, value } => Change::Member(field, self.member(value)?, false),
+            OpKind::CountDistinct { field, value } => Change::Distinct(field, self.member(value)?),
+            OpKind::Push { field, value, cap } => Change::Push {
+                field,
+                item: self.member(value)?,
+                cap: *cap,
+            },
             OpKind::Rank { .. } => unreachable!("rankings are not document fields"),
         })
     }
@@ -436,21 +509,32 @@ fn describe(s: &Source) -> String {
     }
 }
 
-/// A path's value as text (for keys, ranking names and members).
-fn scalar(v: Option<Value>, path: &ValuePath) -> Result<String, String> {
+/// Appends a path's value as text (for keys, ranking names and members).
+fn push_scalar(out: &mut String, v: Option<&Value>, path: &ValuePath) -> Result<(), String> {
+    use std::fmt::Write;
     match v {
-        Some(Value::String(s)) => Ok(s),
-        Some(Value::Number(n)) => Ok(n.to_string()),
-        Some(Value::Bool(b)) => Ok(b.to_string()),
-        None | Some(Value::Null) => Err(format!("`{path}` is missing")),
-        Some(other) => Err(format!(
-            "`{path}` must be a string or a number, got {other}"
-        )),
+        Some(Value::String(s)) => out.push_str(s),
+        Some(Value::Number(n)) => write!(out, "{n}").expect("writing to a String"),
+        Some(Value::Bool(b)) => write!(out, "{b}").expect("writing to a String"),
+        None | Some(Value::Null) => return Err(format!("`{path}` is missing")),
+        Some(other) => {
+            return Err(format!(
+                "`{path}` must be a string or a number, got {other}"
+            ));
+        }
     }
+    Ok(())
 }
 
-fn render_key(v: Option<Value>, path: &ValuePath) -> Result<String, String> {
-    let key = scalar(v, path).map_err(|e| format!("key: {e}"))?;
+fn render_key(v: Option<Cow<'_, Value>>, path: &ValuePath) -> Result<String, String> {
+    let key = match v {
+        Some(Cow::Owned(Value::String(s))) => s,
+        v => {
+            let mut key = String::new();
+            push_scalar(&mut key, v.as_deref(), path).map_err(|e| format!("key: {e}"))?;
+            key
+        }
+    };
     if key.is_empty() || key.len() > MAX_KEY_BYTES {
         return Err(format!(
             "key from `{path}` must be 1 to {MAX_KEY_BYTES} bytes"
@@ -459,11 +543,12 @@ fn render_key(v: Option<Value>, path: &ValuePath) -> Result<String, String> {
     Ok(key)
 }
 
-/// A path's value in the event (`None` for `key` and `doc.` paths).
-pub fn event_value(path: &ValuePath, env: &Envelope) -> Option<Value> {
-    let walk = |root: &serde_json::Map<String, Value>, segs: &[String]| {
+/// A path's value in the event, borrowed where the event holds it (`None` for
+/// `key` and `doc.` paths).
+pub fn event_value<'e>(path: &ValuePath, env: &'e Envelope) -> Option<Cow<'e, Value>> {
+    let walk = |root: &'e serde_json::Map<String, Value>, segs: &[String]| {
         let Some((first, rest)) = segs.split_first() else {
-            return Some(Value::Object(root.clone()));
+            return Some(Cow::Owned(Value::Object(root.clone())));
         };
         let mut v = root.get(first)?;
         for s in rest {
@@ -473,14 +558,14 @@ pub fn event_value(path: &ValuePath, env: &Envelope) -> Option<Value> {
                 _ => return None,
             };
         }
-        Some(v.clone())
+        Some(Cow::Borrowed(v))
     };
     match path {
-        ValuePath::Stream => Some(Value::String(env.stream.clone())),
-        ValuePath::Type => Some(Value::String(env.event_type.clone())),
-        ValuePath::Id => Some(Value::String(env.id.to_string())),
-        ValuePath::Version => Some(Value::from(env.version)),
-        ValuePath::RecordedAt => Some(Value::String(env.recorded_at.clone())),
+        ValuePath::Stream => Some(Cow::Owned(Value::String(env.stream.clone()))),
+        ValuePath::Type => Some(Cow::Owned(Value::String(env.event_type.clone()))),
+        ValuePath::Id => Some(Cow::Owned(Value::String(env.id.to_string()))),
+        ValuePath::Version => Some(Cow::Owned(Value::from(env.version))),
+        ValuePath::RecordedAt => Some(Cow::Owned(Value::String(env.recorded_at.clone()))),
         ValuePath::Data(segs) => walk(&env.data, segs),
         ValuePath::Metadata(segs) => walk(&env.metadata, segs),
         ValuePath::Key | ValuePath::Doc(_) => None,
@@ -676,6 +761,55 @@ mod tests {
         assert_eq!(field(&fx, "x", "copy"), &FieldDelta::Set(json!(0)));
         let fx = fold(&d, &inputs[..2], &stored);
         assert_eq!(field(&fx, "x", "copy"), &FieldDelta::Set(json!(11)));
+    }
+
+    #[test]
+    fn an_operation_reads_what_its_own_event_changed_before_it() {
+        // `copy` reads `n` through another key path that names the same key.
+        let d = def(concat!(
+            "[[on.A]]\nop = \"incr\"\nfield = \"n\"\n",
+            "[[on.A]]\nop = \"set\"\nfield = \"copy\"\nfrom = \"doc.n\"\nkey = \"data.alias\"\n",
+            "[[on.B]]\nop = \"delete\"\n",
+            "[[on.B]]\nop = \"incr\"\nfield = \"n\"\n",
+            "[[on.B]]\nop = \"set\"\nfield = \"copy\"\nfrom = \"doc.n\"\n",
+        ));
+        let stored = reads("x", BTreeMap::from([("n".to_string(), json!(10))]));
+        let inputs = vec![
+            ev(0, "A", json!({"k": "x", "alias": "x"})),
+            ev(1, "A", json!({"k": "x", "alias": "x"})),
+            ev(2, "B", json!({"k": "x"})),
+        ];
+        let fx = fold(&d, &inputs[..1], &stored);
+        assert_eq!(field(&fx, "x", "copy"), &FieldDelta::Set(json!(11)));
+        let fx = fold(&d, &inputs[..2], &stored);
+        assert_eq!(field(&fx, "x", "copy"), &FieldDelta::Set(json!(12)));
+        // The delete hides the stored 10 and the batch's increments.
+        let fx = fold(&d, &inputs, &stored);
+        assert_eq!(field(&fx, "x", "copy"), &FieldDelta::Set(json!(1)));
+        assert_eq!(field(&fx, "x", "n"), &FieldDelta::Incr(1));
+        assert!(fx.docs["x"].reset);
+    }
+
+    #[test]
+    fn folding_reads_one_after_another_equals_folding_them_at_once() {
+        let d = def(concat!(
+            "[[on.A]]\nop = \"incr\"\nfield = \"n\"\n",
+            "[[on.A]]\nop = \"add\"\nfield = \"who\"\nfrom = \"data.u\"\n",
+            "[[on.A]]\nop = \"set\"\nfield = \"copy\"\nfrom = \"doc.n\"\n",
+            "[[on.A]]\nop = \"rank\"\nranking = \"r\"\n",
+        ));
+        let stored = reads("x", BTreeMap::from([("n".to_string(), json!(10))]));
+        let inputs: Vec<Input> = (0..6)
+            .map(|i| {
+                let k = ["x", "y"][i as usize % 2];
+                ev(i, "A", json!({"k": k, "u": i}))
+            })
+            .collect();
+        let at_once = fold(&d, &inputs, &stored);
+        let in_two = fold_into(fold(&d, &inputs[..4], &stored), &d, &inputs[4..], &stored);
+        assert_eq!(in_two, at_once);
+        assert_eq!(field(&at_once, "x", "copy"), &FieldDelta::Set(json!(13)));
+        assert_eq!(at_once.applied, 6);
     }
 
     #[test]
