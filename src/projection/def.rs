@@ -219,6 +219,8 @@ pub enum Source {
 pub struct Op {
     pub key: Option<ValuePath>,
     pub kind: OpKind,
+    /// Some path of the operation reads the read model (`doc.`).
+    pub reads_doc: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -754,10 +756,13 @@ fn validate_op(raw: RawOp) -> Result<Op, String> {
         } => (key, rank(ranking, member, by, from, true)?),
         RawOp::Delete { key } => (key, OpKind::Delete),
     };
-    Ok(Op {
+    let mut op = Op {
         key: key_path(key)?,
         kind,
-    })
+        reads_doc: false,
+    };
+    op.reads_doc = op_paths(&op).iter().any(|p| matches!(p, ValuePath::Doc(_)));
+    Ok(op)
 }
 
 fn rank(

@@ -18,7 +18,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::def::{Definition, FieldKind, OnError, OpKind, Part, Source, Template, ValuePath};
+use super::def::{
+    Definition, FieldKind, OnError, OpKind, Part, Source, StoreKind, Template, ValuePath,
+};
 use crate::event::Envelope;
 
 /// Longest read-model key or ranking member, in bytes.
@@ -108,19 +110,21 @@ impl DocReads {
     }
 }
 
-/// The keys a batch must read before [`fold`]: those whose `doc.` fields it may
-/// read, and on document stores every key it touches (read, changed, rewritten).
+/// The keys a batch must read before [`fold`]: those whose `doc.` fields an
+/// operation reads, and on document stores every key it touches (read, changed,
+/// rewritten).
 pub fn keys_to_read(def: &Definition, inputs: &[Input]) -> BTreeSet<String> {
     let mut keys = BTreeSet::new();
     if !def.reads_before_fold() {
         return keys;
     }
+    let every_key = def.store == StoreKind::Elasticsearch;
     for input in inputs {
         let Ok(env) = &input.event else { continue };
         let Some(ops) = def.ops_for(&env.event_type) else {
             continue;
         };
-        for op in ops {
+        for op in ops.iter().filter(|op| every_key || op.reads_doc) {
             let path = op.key.as_ref().unwrap_or(&def.key);
             if let Ok(k) = render_key(event_value(path, env), path) {
                 keys.insert(k);
@@ -889,15 +893,20 @@ mod tests {
     }
 
     #[test]
-    fn keys_to_read_lists_the_keys_of_events_with_doc_reads() {
-        let d = def(
-            "[[on.Pub]]\nop = \"set\"\nfield = \"t\"\nfrom = \"data.t\"\n[[on.Like]]\nop = \"rank\"\nranking = \"r:{doc.t}\"\n",
-        );
+    fn keys_to_read_lists_the_keys_of_operations_with_doc_reads() {
+        let ops = "[[on.Pub]]\nop = \"set\"\nfield = \"t\"\nfrom = \"data.t\"\n[[on.Like]]\nop = \"rank\"\nranking = \"r:{doc.t}\"\n";
         let inputs = vec![
             ev(0, "Like", json!({"k": "a"})),
             ev(1, "Nope", json!({"k": "b"})),
             ev(2, "Pub", json!({"k": "c", "t": 1})),
         ];
+        assert_eq!(
+            keys_to_read(&def(ops), &inputs),
+            BTreeSet::from(["a".to_string()])
+        );
+        // A document store rewrites whole documents: every key it touches.
+        let mut d = def(ops);
+        d.store = StoreKind::Elasticsearch;
         assert_eq!(
             keys_to_read(&d, &inputs),
             BTreeSet::from(["a".to_string(), "c".to_string()])
