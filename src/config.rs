@@ -163,8 +163,7 @@ pub struct Settings {
     #[arg(long, env = "REFOLD_SNAPSHOT_EVERY", value_name = "N")]
     pub snapshot_every: Option<u64>,
     /// Most events a projection folds into one store write (and at most 4 MiB of
-    /// them for key-value projections, 1.5 MiB for document projections,
-    /// whatever the count) [default: 20000]
+    /// them, whatever the count) [default: 20000]
     #[arg(long, env = "REFOLD_PROJECTION_BATCH", value_name = "N")]
     pub projection_batch: Option<usize>,
     /// Under load, a document projection's worker commits (and refreshes) at most

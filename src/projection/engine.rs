@@ -517,13 +517,12 @@ async fn run_partition(
         }
         let inputs = std::mem::take(&mut batch.inputs);
         let mut fx = fold_read(&mut *session, g, inputs, Effects::default()).await?;
-        // A key-value projection with a backlog (a replay, a restart) folds the
-        // reads that follow into the same effects, up to `batch` events and
-        // FOLD_BYTES of records: one commit then writes a key once for all of
-        // them. What it holds meanwhile is effects, not events. At the end of the
-        // log it commits at once.
-        while g.def.store == StoreKind::Redis
-            && batch.full
+        // With a backlog (a replay, a restart) the worker folds the reads that
+        // follow into the same effects, up to `batch` events and FOLD_BYTES of
+        // records: one commit then writes a key once for all of them. What it
+        // holds meanwhile is effects, not events. At the end of the log it
+        // commits at once.
+        while batch.full
             && fx.halted_at.is_none()
             && batch.count < ctx.batch
             && batch.bytes < FOLD_BYTES
@@ -602,8 +601,8 @@ async fn run_partition(
     }
 }
 
-/// Most bytes of records a key-value projection folds into one commit (I9: the
-/// effects they leave are held until it).
+/// Most bytes of records a worker folds into one commit (I9: the effects they
+/// leave are held until it).
 const FOLD_BYTES: usize = 4 * READ_BATCH_BYTES;
 
 /// Reads what the definition's `doc.` paths need of the keys `inputs` touch, and
