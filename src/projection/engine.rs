@@ -613,7 +613,10 @@ async fn fold_read(
     inputs: Vec<Input>,
     fx: Effects,
 ) -> anyhow::Result<Effects> {
-    let reads = if !g.def.reads_before_fold() {
+    // A store that commits atomically (all but Elasticsearch) never holds part
+    // of a batch, so only `doc.` paths need what it stores.
+    let skips = !g.store.commits_atomically();
+    let reads = if !g.def.reads_before_fold() || (g.def.doc_reads.is_empty() && !skips) {
         None
     } else {
         let keys = fold::keys_to_read(&g.def, &inputs);

@@ -848,6 +848,10 @@ impl Store for ElasticStore {
         "elasticsearch"
     }
 
+    fn commits_atomically(&self) -> bool {
+        false
+    }
+
     async fn meta(&self, projection: &str) -> StoreResult<Meta> {
         let s = &self.inner;
         let got = s

@@ -142,6 +142,13 @@ pub trait Store: Send + Sync + 'static {
     /// `"redis"`, `"elasticsearch"` or `"embedded"`, for logs and status.
     fn backend(&self) -> &'static str;
 
+    /// Whether a commit writes a batch's data and its checkpoint in one atomic
+    /// step. Elasticsearch cannot: its documents carry what each partition
+    /// applied, which the fold reads before a batch to skip it.
+    fn commits_atomically(&self) -> bool {
+        true
+    }
+
     async fn meta(&self, projection: &str) -> StoreResult<Meta>;
 
     /// Replaces the projection's meta record in one atomic write.
