@@ -131,7 +131,7 @@ async fn run_batch(
     expected: Option<u64>,
     next: u64,
 ) -> Commit {
-    let keys = fold::keys_to_read(def, inputs);
+    let keys = fold::keys_to_read(def, inputs, true);
     let fields: Vec<String> = def.schema.keys().cloned().collect();
     let reads = session.read_fields(&keys, &fields).await.unwrap();
     let fx = fold::fold(def, inputs, &reads);
@@ -441,7 +441,7 @@ async fn reapplying_a_batch_changes_nothing(store: &dyn DocStore) {
     // hold: the fold skips it all, the commit changes nothing.
     let mut again = store.session(&g, 0).await.unwrap();
     assert_eq!(again.checkpoint().await.unwrap(), Some(4));
-    let keys = fold::keys_to_read(&def, &batch);
+    let keys = fold::keys_to_read(&def, &batch, true);
     let reads = again.read_fields(&keys, &[]).await.unwrap();
     let fx = fold::fold(&def, &batch, &reads);
     assert!(fx.docs.is_empty(), "already applied: {:?}", fx.docs);

@@ -99,7 +99,7 @@ struct Oracle {
 impl Oracle {
     fn apply(&mut self, def: &Definition, inputs: &[Input], partition: u32, next: u64) {
         let mut reads = DocReads::new();
-        for key in keys_to_read(def, inputs) {
+        for key in keys_to_read(def, inputs, true) {
             if let Some(doc) = self.docs.get(&key) {
                 reads
                     .fields
@@ -133,7 +133,7 @@ async fn commit_batch(
     loop {
         let mut session = store.session(&g, partition).await?;
         let expected = session.checkpoint().await?;
-        let keys = keys_to_read(def, inputs);
+        let keys = keys_to_read(def, inputs, true);
         let reads = session.read_fields(&keys, &def.doc_reads).await?;
         let fx = fold(def, inputs, &reads);
         match session.commit(expected, next, &fx, &def.schema).await? {

@@ -298,10 +298,11 @@ impl Definition {
     }
 
     /// Whether a batch reads the stored read model before it is folded: for
-    /// `doc.` paths, and always on document stores (they rewrite whole documents
-    /// and skip what a document already holds).
-    pub fn reads_before_fold(&self) -> bool {
-        !self.doc_reads.is_empty() || self.store == StoreKind::Elasticsearch
+    /// `doc.` paths, and always on a store whose commits may leave part of a
+    /// batch applied (`partial_commits`: Elasticsearch), where the fold skips what
+    /// a document already holds.
+    pub fn reads_before_fold(&self, partial_commits: bool) -> bool {
+        !self.doc_reads.is_empty() || partial_commits
     }
 }
 
@@ -833,9 +834,10 @@ ranking = "top:{doc.tribe_id}"
             OpKind::Set { .. }
         ));
         assert!(
-            d.reads_before_fold(),
-            "document projections read before they fold"
+            d.reads_before_fold(true),
+            "document projections read before they fold where commits may be partial"
         );
+        assert!(!d.reads_before_fold(false), "no doc. paths, atomic commits");
     }
 
     #[test]

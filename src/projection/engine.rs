@@ -605,21 +605,20 @@ async fn run_partition(
 /// leave are held until it).
 const FOLD_BYTES: usize = 4 * READ_BATCH_BYTES;
 
-/// Reads what the definition's `doc.` paths need of the keys `inputs` touch, and
-/// folds `inputs` on top of `fx`.
+/// Reads what the fold needs of the keys `inputs` touch (what `doc.` paths read;
+/// on a store whose commits may be partial, every document, to skip what it
+/// already holds), and folds `inputs` on top of `fx`.
 async fn fold_read(
     session: &mut dyn Session,
     g: &Generation,
     inputs: Vec<Input>,
     fx: Effects,
 ) -> anyhow::Result<Effects> {
-    // A store that commits atomically (all but Elasticsearch) never holds part
-    // of a batch, so only `doc.` paths need what it stores.
-    let skips = !g.store.commits_atomically();
-    let reads = if !g.def.reads_before_fold() || (g.def.doc_reads.is_empty() && !skips) {
+    let partial_commits = !g.store.commits_atomically();
+    let reads = if !g.def.reads_before_fold(partial_commits) {
         None
     } else {
-        let keys = fold::keys_to_read(&g.def, &inputs);
+        let keys = fold::keys_to_read(&g.def, &inputs, partial_commits);
         Some(session.read_fields(&keys, &g.def.doc_reads).await?)
     };
     let def = g.def.clone();

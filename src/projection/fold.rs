@@ -18,9 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::def::{
-    Definition, FieldKind, OnError, OpKind, Part, Source, StoreKind, Template, ValuePath,
-};
+use super::def::{Definition, FieldKind, OnError, OpKind, Part, Source, Template, ValuePath};
 use crate::event::Envelope;
 
 /// Longest read-model key or ranking member, in bytes.
@@ -111,20 +109,19 @@ impl DocReads {
 }
 
 /// The keys a batch must read before [`fold`]: those whose `doc.` fields an
-/// operation reads, and on document stores every key it touches (read, changed,
-/// rewritten).
-pub fn keys_to_read(def: &Definition, inputs: &[Input]) -> BTreeSet<String> {
+/// operation reads, and on a store whose commits may be partial
+/// ([`Definition::reads_before_fold`]) every key it touches.
+pub fn keys_to_read(def: &Definition, inputs: &[Input], partial_commits: bool) -> BTreeSet<String> {
     let mut keys = BTreeSet::new();
-    if !def.reads_before_fold() {
+    if !def.reads_before_fold(partial_commits) {
         return keys;
     }
-    let every_key = def.store == StoreKind::Elasticsearch;
     for input in inputs {
         let Ok(env) = &input.event else { continue };
         let Some(ops) = def.ops_for(&env.event_type) else {
             continue;
         };
-        for op in ops.iter().filter(|op| every_key || op.reads_doc) {
+        for op in ops.iter().filter(|op| partial_commits || op.reads_doc) {
             let path = op.key.as_ref().unwrap_or(&def.key);
             if let Ok(k) = render_key(event_value(path, env), path) {
                 keys.insert(k);
@@ -901,14 +898,13 @@ mod tests {
             ev(2, "Pub", json!({"k": "c", "t": 1})),
         ];
         assert_eq!(
-            keys_to_read(&def(ops), &inputs),
+            keys_to_read(&def(ops), &inputs, false),
             BTreeSet::from(["a".to_string()])
         );
-        // A document store rewrites whole documents: every key it touches.
-        let mut d = def(ops);
-        d.store = StoreKind::Elasticsearch;
+        // A store whose commits may be partial: every key the batch touches, to
+        // skip what its documents already hold.
         assert_eq!(
-            keys_to_read(&d, &inputs),
+            keys_to_read(&def(ops), &inputs, true),
             BTreeSet::from(["a".to_string(), "c".to_string()])
         );
     }
