@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 use crate::config::{Config, LogBackend};
 use crate::demo::{DemoConfig, Generator};
 use crate::log::{EventLog, ProduceRecord, Record, TopicSpec};
+use crate::projection::store::embedded::ordered;
 use crate::server::{Refold, open_log};
 
 /// How much work each measurement does.
@@ -109,45 +110,6 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
         LogBackend::Kafka => ("bare rdkafka producer", "bare rdkafka consumer"),
     };
     pb.inc(1);
-    // The stores' raw writes, in refold's batch size.
-    let batch = config.projection_batch;
-    pb.set_message("raw: key-value store writes");
-    let (kv_name, kv_what, kv_rate) = match &config.redis_url {
-        Some(url) => (
-            "Redis pipeline",
-            format!("raw: Redis pipelined HINCRBY (pipelines of {batch})"),
-            raw_redis(url, &config.topic_prefix, n, batch).await?,
-        ),
-        None => {
-            let dir = config.data_dir.join("bench-raw-redb");
-            (
-                "redb transactions",
-                format!("raw: redb increments (transactions of {batch}, fsync each)"),
-                tokio::task::spawn_blocking(move || raw_redb(&dir, n, batch)).await??,
-            )
-        }
-    };
-    figures.push(raw(&kv_what, kv_rate, "writes/s"));
-    pb.inc(1);
-    pb.set_message("raw: document store writes");
-    let (doc_name, doc_what, doc_rate) = match &config.elasticsearch_url {
-        Some(url) => (
-            "Elasticsearch _bulk",
-            format!("raw: Elasticsearch _bulk ({batch} docs, refresh)"),
-            raw_bulk(url, &config.topic_prefix, n, batch).await?,
-        ),
-        None => {
-            let dir = config.data_dir.join("bench-raw-tantivy");
-            (
-                "tantivy commits",
-                format!("raw: tantivy documents (commits of {batch}, reader reloaded)"),
-                tokio::task::spawn_blocking(move || raw_tantivy(&dir, n, batch)).await??,
-            )
-        }
-    };
-    figures.push(raw(&doc_what, doc_rate, "docs/s"));
-    pb.inc(1);
-
     // refold, served here on the same backends. First the write path alone (no
     // projection folds beside it): what the targets compare with the raw producer.
     let limit = Some((format!("raw: {log_name} append"), append));
@@ -246,6 +208,47 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
         events_read,
         "events/s",
     ));
+    // The stores' raw writes of as many events as the replays fold, in
+    // refold's batch size.
+    let events = total as usize;
+    let batch = config.projection_batch;
+    pb.set_message("raw: key-value store writes");
+    let (kv_name, kv_what, kv_rate) = match &config.redis_url {
+        Some(url) => (
+            "Redis pipeline of post_stats's writes",
+            format!("raw: Redis pipelines of post_stats's writes (HSET, HINCRBY, PFADD, ZINCRBY per event; {events} events, {batch} per pipeline)"),
+            raw_redis(url, &config.topic_prefix, events, batch).await?,
+        ),
+        None => {
+            let dir = config.data_dir.join("bench-raw-redb");
+            (
+                "redb transactions of post_stats's writes",
+                format!("raw: redb transactions of post_stats's writes (counters read and written, viewer rows, ranking scores and index, per event; {events} events, {batch} per transaction, fsync each)"),
+                tokio::task::spawn_blocking(move || raw_redb(&dir, events, batch)).await??,
+            )
+        }
+    };
+    figures.push(raw(&kv_what, kv_rate, "events/s"));
+    pb.inc(1);
+    pb.set_message("raw: document store writes");
+    let (doc_name, doc_what, doc_rate) = match &config.elasticsearch_url {
+        Some(url) => (
+            "Elasticsearch _bulk",
+            format!("raw: Elasticsearch _bulk ({events} docs, {batch} per request, refresh)"),
+            raw_bulk(url, &config.topic_prefix, events, batch).await?,
+        ),
+        None => {
+            let dir = config.data_dir.join("bench-raw-tantivy");
+            (
+                "tantivy commits",
+                format!("raw: tantivy documents ({events} docs, commits of {batch}, reader reloaded)"),
+                tokio::task::spawn_blocking(move || raw_tantivy(&dir, events, batch)).await??,
+            )
+        }
+    };
+    figures.push(raw(&doc_what, doc_rate, "docs/s"));
+    pb.inc(1);
+    pb.set_message("refold: replays");
     // On Kafka the bare consumer stays the limit; the embedded log has no
     // reader barer than its adapter, so the read of these very records is.
     let (read_name, read) = match config.log {
@@ -625,24 +628,38 @@ async fn bare_kafka(
     Ok((produced, consumed))
 }
 
-/// `n` HINCRBY in pipelines of `batch` (refold's projection batch) on 10,000
-/// keys: writes/s.
+/// `post_stats`'s writes for `n` demo events ([`post_stats_writes`], worked out
+/// before the clock starts) as Redis commands in pipelines of `batch` events
+/// (refold's projection batch): HSET of a post's tribe, HINCRBY of its
+/// counters, PFADD of its viewers, ZINCRBY of its ranking score: events/s. The
+/// Redis store's limit for a replay of `post_stats`.
 async fn raw_redis(url: &str, prefix: &str, n: usize, batch: usize) -> anyhow::Result<f64> {
     let client = redis::Client::open(url)?;
     let mut con = client.get_multiplexed_async_connection().await?;
+    let writes = post_stats_writes(n);
+    let key = |k: &str| format!("{prefix}bench:{k}");
     let started = Instant::now();
-    let mut done = 0;
-    while done < n {
+    for events in writes.chunks(batch) {
         let mut pipe = redis::pipe();
-        for i in done..(done + batch).min(n) {
-            pipe.cmd("HINCRBY")
-                .arg(format!("{prefix}bench:{}", i % 10_000))
-                .arg("likes")
-                .arg(1)
-                .ignore();
+        for w in events.iter().flatten() {
+            match w {
+                StatsWrite::Tribe { post, tribe } => {
+                    pipe.hset(key(post), "tribe_id", tribe).ignore();
+                }
+                StatsWrite::Incr { counter, by } => {
+                    let (post, field) = counter.split_once('\0').unwrap_or((counter, ""));
+                    pipe.hincr(key(post), field, *by).ignore();
+                }
+                StatsWrite::Viewer { row, .. } => {
+                    let (post, user) = row.split_once('\0').unwrap_or((row, ""));
+                    pipe.pfadd(key(&format!("{post}:viewers")), user).ignore();
+                }
+                StatsWrite::Rank { ranking, post, by } => {
+                    pipe.zincr(key(ranking), post, *by).ignore();
+                }
+            }
         }
         pipe.query_async::<()>(&mut con).await?;
-        done = (done + batch).min(n);
     }
     let r = rate(n, started);
     let mut cursor = 0u64;
@@ -669,28 +686,125 @@ async fn raw_redis(url: &str, prefix: &str, n: usize, batch: usize) -> anyhow::R
     Ok(r)
 }
 
-/// `n` increments of a counter record (one of 10,000 keys; read, add, write) in
-/// redb write transactions of `batch` (refold's projection batch), each durable:
-/// writes/s. The embedded key-value store's limit.
+/// One write `post_stats` makes for a demo event, worked out from the event
+/// alone (a liked post's tribe from its `PostPublished`), with its keys rendered:
+/// what any store of that read model writes per event, without refold's parsing,
+/// fold or combining.
+enum StatsWrite {
+    /// `PostPublished`: the post's tribe.
+    Tribe { post: String, tribe: String },
+    /// `PostLiked`/`PostUnliked` (likes), `PostViewed` (views), `CommentAdded`.
+    Incr { counter: String, by: i64 },
+    /// `PostViewed`: the viewer joins the post's distinct viewers; a new one
+    /// increments `unique`.
+    Viewer { row: String, unique: String },
+    /// `PostLiked`/`PostUnliked`: the post's score in its tribe's ranking.
+    Rank { ranking: String, post: String, by: f64 },
+}
+
+/// The writes of `post_stats` (see `projections/post_stats.toml`) for `n` demo
+/// events of the bench's first seed, event by event.
+fn post_stats_writes(n: usize) -> Vec<Vec<StatsWrite>> {
+    let mut generator = Generator::new(DemoConfig {
+        seed: 1,
+        ..DemoConfig::default()
+    });
+    let mut tribes = std::collections::HashMap::new();
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    (0..n)
+        .map(|_| {
+            let e = generator.next_event();
+            let post = text(&e.data["post_id"]);
+            let incr = |field: &str, by| StatsWrite::Incr {
+                counter: format!("{post}\0{field}"),
+                by,
+            };
+            let rank = |by| {
+                tribes
+                    .get(&post)
+                    .map(|tribe: &String| StatsWrite::Rank {
+                        ranking: format!("top_posts:{tribe}"),
+                        post: post.clone(),
+                        by,
+                    })
+            };
+            match e.event_type.as_str() {
+                "PostPublished" => {
+                    let tribe = text(&e.data["tribe_id"]);
+                    tribes.insert(post.clone(), tribe.clone());
+                    vec![StatsWrite::Tribe { post, tribe }]
+                }
+                "PostLiked" => [Some(incr("likes", 1)), rank(1.0)].into_iter().flatten().collect(),
+                "PostUnliked" => [Some(incr("likes", -1)), rank(-1.0)].into_iter().flatten().collect(),
+                "PostViewed" => vec![
+                    incr("views", 1),
+                    StatsWrite::Viewer {
+                        row: format!("{post}\0{}", text(&e.data["user_id"])),
+                        unique: format!("{post}\0unique_viewers"),
+                    },
+                ],
+                "CommentAdded" => vec![incr("comments", 1)],
+                _ => Vec::new(),
+            }
+        })
+        .collect()
+}
+
+/// `post_stats`'s writes for `n` demo events ([`post_stats_writes`], worked out
+/// before the clock starts) in redb write transactions of `batch` events
+/// (refold's projection batch), each durable: every counter read, added to and
+/// written, every viewer inserted, every ranking score moved in a score table
+/// and a score index: events/s. The embedded key-value store's limit for a
+/// replay of `post_stats`.
 fn raw_redb(dir: &std::path::Path, n: usize, batch: usize) -> anyhow::Result<f64> {
     use redb::{ReadableTable, TableDefinition};
-    const T: TableDefinition<&str, u64> = TableDefinition::new("counters");
+    const COUNTERS: TableDefinition<&str, i64> = TableDefinition::new("counters");
+    const TRIBES: TableDefinition<&str, &str> = TableDefinition::new("tribes");
+    const VIEWERS: TableDefinition<&str, ()> = TableDefinition::new("viewers");
+    const SCORES: TableDefinition<(&str, &str), f64> = TableDefinition::new("scores");
+    const BY_SCORE: TableDefinition<(&str, u64, &str), ()> = TableDefinition::new("by_score");
+    fn incr(t: &mut redb::Table<&str, i64>, key: &str, by: i64) -> Result<(), redb::Error> {
+        let v = t.get(key)?.map_or(0, |v| v.value());
+        t.insert(key, v + by)?;
+        Ok(())
+    }
+    let writes = post_stats_writes(n);
     std::fs::create_dir_all(dir)?;
     let db = redb::Database::create(dir.join("raw.redb"))?;
     let started = Instant::now();
-    let mut done = 0;
-    while done < n {
+    for events in writes.chunks(batch) {
         let txn = db.begin_write()?;
         {
-            let mut t = txn.open_table(T)?;
-            for i in done..(done + batch).min(n) {
-                let key = format!("bench:{}", i % 10_000);
-                let v = t.get(key.as_str())?.map_or(0, |v| v.value());
-                t.insert(key.as_str(), v + 1)?;
+            let mut counters = txn.open_table(COUNTERS)?;
+            let mut tribes = txn.open_table(TRIBES)?;
+            let mut viewers = txn.open_table(VIEWERS)?;
+            let mut scores = txn.open_table(SCORES)?;
+            let mut by_score = txn.open_table(BY_SCORE)?;
+            for w in events.iter().flatten() {
+                match w {
+                    StatsWrite::Tribe { post, tribe } => {
+                        tribes.insert(post.as_str(), tribe.as_str())?;
+                    }
+                    StatsWrite::Incr { counter, by } => incr(&mut counters, counter, *by)?,
+                    StatsWrite::Viewer { row, unique } => {
+                        if viewers.insert(row.as_str(), ())?.is_none() {
+                            incr(&mut counters, unique, 1)?;
+                        }
+                    }
+                    StatsWrite::Rank { ranking, post, by } => {
+                        let key = (ranking.as_str(), post.as_str());
+                        let old = scores.get(key)?.map(|v| v.value());
+                        if let Some(old) = old {
+                            by_score.remove((ranking.as_str(), ordered(old), post.as_str()))?;
+                        }
+                        let new = old.unwrap_or(0.0) + by;
+                        scores.insert(key, new)?;
+                        by_score.insert((ranking.as_str(), ordered(new), post.as_str()), ())?;
+                    }
+                }
             }
         }
         txn.commit()?;
-        done = (done + batch).min(n);
     }
     let r = rate(n, started);
     drop(db);

@@ -121,9 +121,9 @@ batches): first the users and tribes register, then users join tribes, publish
 posts, view, like, unlike and comment, with a few posts getting most of the
 activity. The same --seed sends the same events. Ids are numbered from 1 on
 every run (u1, t1, p1, c1, ...), so a second run adds to the same users, tribes
-and posts: use a fresh data directory for a clean demo. Batches refused with 429 or 503 are retried after Retry-After
-(every event carries an id, so a retry never appends twice). Exits non-zero if
-any event was refused.";
+and posts: use a fresh data directory for a clean demo. Batches refused with
+429 or 503 are retried after Retry-After (every event carries an id, so a retry
+never appends twice). Exits non-zero if any event was refused.";
 
 /// Where a running refold answers.
 #[derive(Debug, Clone, Args)]

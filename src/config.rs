@@ -162,10 +162,15 @@ pub struct Settings {
     /// Snapshot stream heads after this many events [default: 10000]
     #[arg(long, env = "REFOLD_SNAPSHOT_EVERY", value_name = "N")]
     pub snapshot_every: Option<u64>,
-    /// Most events a projection folds into one store write (and at most 4 MiB of
-    /// them, whatever the count) [default: 20000]
+    /// Most events a projection folds into one store write [default: 20000]
     #[arg(long, env = "REFOLD_PROJECTION_BATCH", value_name = "N")]
     pub projection_batch: Option<usize>,
+    /// Bytes of events that projection workers with a backlog (a replay, a
+    /// restart) fold, all together, into commits spanning several reads; when it
+    /// is full a worker commits what it folded. Larger: faster replays, more
+    /// memory; 0 commits every read on its own [default: 32MiB]
+    #[arg(long, env = "REFOLD_FOLD_BUFFER", value_name = "SIZE")]
+    pub fold_buffer: Option<ByteSize>,
     /// Under load, a document projection's worker commits (and refreshes) at most
     /// once per this interval, folding what arrived meanwhile into one store
     /// write; an idle worker commits at once (ms) [default: 50]
@@ -248,6 +253,7 @@ impl Settings {
             kafka_fetch_wait_ms,
             snapshot_every,
             projection_batch,
+            fold_buffer,
             document_commit_interval_ms,
             stream_history,
             kafka_properties,
@@ -325,6 +331,7 @@ pub struct Config {
     pub kafka_fetch_wait: Duration,
     pub snapshot_every: u64,
     pub projection_batch: usize,
+    pub fold_buffer: usize,
     pub document_commit_interval: Duration,
     pub stream_history: bool,
     /// librdkafka properties of every Kafka client (secrets among them).
@@ -473,6 +480,7 @@ impl Config {
                 }),
             snapshot_every: s.snapshot_every.unwrap_or(10_000).max(1),
             projection_batch: positive("projection_batch", s.projection_batch, 20_000)?,
+            fold_buffer: s.fold_buffer.map_or(32 << 20, |b| b.0),
             document_commit_interval: Duration::from_millis(
                 s.document_commit_interval_ms.unwrap_or(50),
             ),

@@ -243,6 +243,7 @@ impl Refold {
                 partitions,
                 batch: config.projection_batch,
                 commit_interval: config.document_commit_interval,
+                fold_buffer: config.fold_buffer,
                 specs,
                 metrics: metrics.clone(),
             },

@@ -1214,7 +1214,7 @@ async fn post_stats_equal_the_log_up_to_their_checkpoints(stack: &Stack) -> u64 
         kafka_brokers: Some(stack.brokers.clone()),
         topic_prefix: Some(stack.prefix.clone()),
         redis_url: Some(stack.redis.clone()),
-        projections: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("projections")),
+        projections: Some(common::projections_dir()),
         migrations: Some(common::migrations_dir()),
         ..Default::default()
     })

@@ -14,7 +14,7 @@ use common::backends::PrivateRedis;
 use common::models::{Api, check_models};
 use common::oracle::Oracle;
 use common::{Proc, unique};
-use refold::config::{Config, LogBackend, Settings};
+use refold::config::{ByteSize, Config, LogBackend, Settings};
 use refold::demo::{DemoConfig, DemoEvent, Generator};
 use refold::position::Position;
 use refold::projection::engine::{Engine, EngineConfig};
@@ -180,12 +180,14 @@ async fn a_busy_document_worker_gathers_appends_into_one_commit_and_an_idle_one_
 #[tokio::test]
 async fn a_worker_with_a_backlog_folds_several_reads_into_one_commit() {
     // 1500 views of 10 KB on one stream (one partition), appended before any
-    // projection runs: every projection starts with a backlog of about 15 MB.
-    // Reads stop at 1 MiB, so one commit per read would make at least 14
-    // commits; a worker folds reads into the same commit up to 4 MiB of records
-    // (and `projection_batch` events, here far above), so at least 4 and a
-    // handful. `post_stats` (key-value) folds the views, `posts` (documents)
-    // skips them and still commits its checkpoint.
+    // projection runs: a projection starts with a backlog of about 15 MB. Reads
+    // stop at 1 MiB, so one commit per read makes at least 14 commits. With a
+    // fold buffer of 4 MiB, a worker folds the reads after its first into the
+    // same commit while the buffer has room (`projection_batch` events is far
+    // above), so at least 3 commits and a handful; with a fold buffer of 0, one
+    // commit per read. Each projection runs alone here, so that no other worker
+    // takes room in the buffer: `post_stats` (key-value) folds the views,
+    // `posts` (documents) skips them and still commits its checkpoint.
     const EVENTS: usize = 1500;
     const PAD: usize = 10_000;
     let dir = tempfile::tempdir().unwrap();
@@ -215,8 +217,27 @@ async fn a_worker_with_a_backlog_folds_several_reads_into_one_commit() {
     r.stop().await;
     drop(api); // it holds the log open
 
-    let (r, api) = start(&embedded(dir.path(), 1_000_000)).await;
-    for name in ["post_stats", "posts"] {
+    let one_read = 1 << 20;
+    for (name, buffer, commits) in [
+        ("post_stats", 4 << 20, (EVENTS * PAD).div_ceil(one_read + (4 << 20))..=7),
+        ("posts", 4 << 20, (EVENTS * PAD).div_ceil(one_read + (4 << 20))..=7),
+        ("post_stats", 0, (EVENTS * PAD / one_read)..=EVENTS),
+    ] {
+        let alone = dir.path().join(format!("only-{name}"));
+        std::fs::create_dir_all(&alone).unwrap();
+        let file = format!("{name}.toml");
+        std::fs::copy(common::projections_dir().join(&file), alone.join(&file)).unwrap();
+        let data = tempfile::tempdir().unwrap();
+        std::fs::copy(dir.path().join("log.redb"), data.path().join("log.redb")).unwrap();
+        let (r, api) = start(&config(Settings {
+            data_dir: Some(data.path().to_owned()),
+            projections: Some(alone),
+            stream_history: Some(false),
+            projection_batch: Some(1_000_000),
+            fold_buffer: Some(ByteSize(buffer)),
+            ..Default::default()
+        }))
+        .await;
         let s = common::eventually(60, &format!("{name} to fold the backlog"), || {
             let api = &api;
             async move {
@@ -225,20 +246,21 @@ async fn a_worker_with_a_backlog_folds_several_reads_into_one_commit() {
             }
         })
         .await;
-        let commits = s["commits"].as_u64().unwrap();
-        let least = (EVENTS * PAD).div_ceil(4 << 20) as u64;
+        let made = s["commits"].as_u64().unwrap() as usize;
         assert!(
-            (least..=7).contains(&commits),
-            "{name}: {commits} commits for {EVENTS} events of {PAD} bytes: {s}"
+            commits.contains(&made),
+            "{name}, fold buffer of {buffer} bytes: {made} commits for {EVENTS} events of {PAD} bytes, not {commits:?}: {s}"
         );
+        if name == "post_stats" {
+            let (_, view) = api.get("/views/post_stats/p1").await;
+            assert_eq!(
+                (&view["views"], &view["unique_viewers"]),
+                (&json!(EVENTS), &json!(EVENTS)),
+                "{view}"
+            );
+        }
+        r.stop().await;
     }
-    let (_, view) = api.get("/views/post_stats/p1").await;
-    assert_eq!(
-        (&view["views"], &view["unique_viewers"]),
-        (&json!(EVENTS), &json!(EVENTS)),
-        "{view}"
-    );
-    r.stop().await;
 }
 
 #[tokio::test]
@@ -260,6 +282,7 @@ async fn kafka_redis_read_models_equal_the_oracle_with_a_competing_engine() {
             partitions: PARTITIONS,
             batch: 50,
             commit_interval: config.document_commit_interval,
+            fold_buffer: config.fold_buffer,
             specs,
             metrics: Default::default(),
         },
@@ -608,7 +631,7 @@ async fn a_bumped_version_rebuilds_at_start_and_the_cli_drives_replays() {
     let dir = tempfile::tempdir().unwrap();
     let defs = dir.path().join("projections");
     std::fs::create_dir_all(&defs).unwrap();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("projections");
+    let repo = common::projections_dir();
     for f in [
         "post_stats.toml",
         "tribe_feed.toml",

@@ -12,7 +12,10 @@
 //! folds and commits, when the log holds more than a batch (a replay, a backlog);
 //! large batches are decoded and folded on the blocking pool, off the threads
 //! that serve HTTP. Events of types a definition has no operations for are
-//! skipped unparsed, by the record's `type` header.
+//! skipped unparsed, by the record's `type` header. With a backlog, a worker
+//! folds the reads that follow its batch into the same commit, up to `batch`
+//! events, while the fold buffer shared by every worker (`fold_buffer`) has room
+//! for their records.
 //! Document projections are paced besides: each commit is a new segment to
 //! refresh and merge (Elasticsearch, tantivy), so a worker that committed less
 //! than `commit_interval` ago gathers what arrives until then into the same batch
@@ -100,6 +103,9 @@ struct Ctx {
     partitions: u32,
     batch: usize,
     commit_interval: Duration,
+    /// Bytes of records that workers with a backlog may fold, all together, into
+    /// commits beyond each commit's first read (I9).
+    fold_buffer: tokio::sync::Semaphore,
     metrics: Arc<Metrics>,
     /// Set at shutdown: replays stop without being dropped, to resume at start.
     shutting_down: AtomicBool,
@@ -518,22 +524,27 @@ async fn run_partition(
         let inputs = std::mem::take(&mut batch.inputs);
         let mut fx = fold_read(&mut *session, g, inputs, Effects::default()).await?;
         // With a backlog (a replay, a restart) the worker folds the reads that
-        // follow into the same effects, up to `batch` events and FOLD_BYTES of
-        // records: one commit then writes a key once for all of them. What it
-        // holds meanwhile is effects, not events. At the end of the log it
-        // commits at once.
-        while batch.full
-            && fx.halted_at.is_none()
-            && batch.count < ctx.batch
-            && batch.bytes < FOLD_BYTES
-        {
+        // follow into the same effects, up to `batch` events, while the fold
+        // buffer shared by all workers has room for their records: one commit
+        // then writes a key once for all of them. What it holds meanwhile is
+        // effects, not events; the room is given back after the commit. At the
+        // end of the log it commits at once.
+        let mut lent: Option<tokio::sync::SemaphorePermit<'_>> = None;
+        while batch.full && fx.halted_at.is_none() && batch.count < ctx.batch {
             let mut more = tokio::select! {
                 b = ahead.take() => b?,
                 _ = stop.changed() => return Ok(Restart::Stop),
             };
-            if batch.count + more.count > ctx.batch || batch.bytes + more.bytes > FOLD_BYTES {
+            let room = u32::try_from(more.bytes)
+                .ok()
+                .and_then(|n| ctx.fold_buffer.try_acquire_many(n).ok());
+            let Some(room) = room.filter(|_| batch.count + more.count <= ctx.batch) else {
                 held = Some(more);
                 break;
+            };
+            match &mut lent {
+                Some(l) => l.merge(room),
+                None => lent = Some(room),
             }
             let inputs = std::mem::take(&mut more.inputs);
             batch.extend(more);
@@ -555,10 +566,12 @@ async fn run_partition(
         let commit_to = fx.halted_at.unwrap_or(upto);
         let started = Instant::now();
         committed = Some(started);
-        match session
+        let commit = session
             .commit(expected, commit_to, &fx, &g.def.schema)
-            .await?
-        {
+            .await?;
+        // The effects are written: their room in the fold buffer is free again.
+        drop(lent);
+        match commit {
             Commit::Applied => {
                 ctx.metrics.projection_commit(
                     &g.id.projection,
@@ -600,10 +613,6 @@ async fn run_partition(
         }
     }
 }
-
-/// Most bytes of records a worker folds into one commit (I9: the effects they
-/// leave are held until it).
-const FOLD_BYTES: usize = 4 * READ_BATCH_BYTES;
 
 /// Reads what the fold needs of the keys `inputs` touch (what `doc.` paths read;
 /// on a store whose commits may be partial, every document, to skip what it
@@ -1022,6 +1031,9 @@ pub struct EngineConfig {
     /// Under load, the shortest time between two commits of a document
     /// projection's worker.
     pub commit_interval: Duration,
+    /// Bytes of records that workers with a backlog may fold, all together, into
+    /// their commits beyond each commit's first read.
+    pub fold_buffer: usize,
     /// Index declarations of document projections, from `migrations/`.
     pub specs: Specs,
     pub metrics: Arc<Metrics>,
@@ -1042,6 +1054,9 @@ impl Engine {
             partitions: cfg.partitions,
             batch: cfg.batch,
             commit_interval: cfg.commit_interval,
+            fold_buffer: tokio::sync::Semaphore::new(
+                cfg.fold_buffer.min(tokio::sync::Semaphore::MAX_PERMITS),
+            ),
             metrics: cfg.metrics,
             shutting_down: AtomicBool::new(false),
         });

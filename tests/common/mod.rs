@@ -132,6 +132,11 @@ pub fn migrations_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations")
 }
 
+/// The repository's projection definitions (the demo's).
+pub fn projections_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("projections")
+}
+
 pub fn embedded_config(data_dir: &Path) -> Config {
     Config::from_settings(Settings {
         data_dir: Some(data_dir.to_owned()),

@@ -126,7 +126,7 @@ fn after(s: &str) -> String {
 }
 
 /// f64 → u64 with the same order (for the score index).
-fn ordered(score: f64) -> u64 {
+pub fn ordered(score: f64) -> u64 {
     let bits = score.to_bits();
     if bits >> 63 == 1 {
         !bits
