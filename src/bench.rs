@@ -216,14 +216,18 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
     let (kv_name, kv_what, kv_rate) = match &config.redis_url {
         Some(url) => (
             "Redis pipeline of post_stats's writes",
-            format!("raw: Redis pipelines of post_stats's writes (HSET, HINCRBY, PFADD, ZINCRBY per event; {events} events, {batch} per pipeline)"),
+            format!(
+                "raw: Redis pipelines of post_stats's writes (HSET, HINCRBY, PFADD, ZINCRBY per event; {events} events, {batch} per pipeline)"
+            ),
             raw_redis(url, &config.topic_prefix, events, batch).await?,
         ),
         None => {
             let dir = config.data_dir.join("bench-raw-redb");
             (
                 "redb transactions of post_stats's writes",
-                format!("raw: redb transactions of post_stats's writes (counters read and written, viewer rows, ranking scores and index, per event; {events} events, {batch} per transaction, fsync each)"),
+                format!(
+                    "raw: redb transactions of post_stats's writes (counters read and written, viewer rows, ranking scores and index, per event; {events} events, {batch} per transaction, fsync each)"
+                ),
                 tokio::task::spawn_blocking(move || raw_redb(&dir, events, batch)).await??,
             )
         }
@@ -241,7 +245,9 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
             let dir = config.data_dir.join("bench-raw-tantivy");
             (
                 "tantivy commits",
-                format!("raw: tantivy documents ({events} docs, commits of {batch}, reader reloaded)"),
+                format!(
+                    "raw: tantivy documents ({events} docs, commits of {batch}, reader reloaded)"
+                ),
                 tokio::task::spawn_blocking(move || raw_tantivy(&dir, events, batch)).await??,
             )
         }
@@ -699,7 +705,11 @@ enum StatsWrite {
     /// increments `unique`.
     Viewer { row: String, unique: String },
     /// `PostLiked`/`PostUnliked`: the post's score in its tribe's ranking.
-    Rank { ranking: String, post: String, by: f64 },
+    Rank {
+        ranking: String,
+        post: String,
+        by: f64,
+    },
 }
 
 /// The writes of `post_stats` (see `projections/post_stats.toml`) for `n` demo
@@ -720,13 +730,11 @@ fn post_stats_writes(n: usize) -> Vec<Vec<StatsWrite>> {
                 by,
             };
             let rank = |by| {
-                tribes
-                    .get(&post)
-                    .map(|tribe: &String| StatsWrite::Rank {
-                        ranking: format!("top_posts:{tribe}"),
-                        post: post.clone(),
-                        by,
-                    })
+                tribes.get(&post).map(|tribe: &String| StatsWrite::Rank {
+                    ranking: format!("top_posts:{tribe}"),
+                    post: post.clone(),
+                    by,
+                })
             };
             match e.event_type.as_str() {
                 "PostPublished" => {
@@ -734,8 +742,14 @@ fn post_stats_writes(n: usize) -> Vec<Vec<StatsWrite>> {
                     tribes.insert(post.clone(), tribe.clone());
                     vec![StatsWrite::Tribe { post, tribe }]
                 }
-                "PostLiked" => [Some(incr("likes", 1)), rank(1.0)].into_iter().flatten().collect(),
-                "PostUnliked" => [Some(incr("likes", -1)), rank(-1.0)].into_iter().flatten().collect(),
+                "PostLiked" => [Some(incr("likes", 1)), rank(1.0)]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+                "PostUnliked" => [Some(incr("likes", -1)), rank(-1.0)]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
                 "PostViewed" => vec![
                     incr("views", 1),
                     StatsWrite::Viewer {

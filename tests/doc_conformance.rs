@@ -10,6 +10,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use refold::event::Envelope;
 use refold::projection::def::{self, Definition};
@@ -136,7 +137,7 @@ async fn run_batch(
     let reads = session.read_fields(&keys, &fields).await.unwrap();
     let fx = fold::fold(def, inputs, &reads);
     session
-        .commit(expected, next, &fx, &def.schema)
+        .commit(expected, next, &Arc::new(fx), &def.schema)
         .await
         .unwrap()
 }
@@ -170,7 +171,9 @@ async fn write(store: &dyn DocStore, g: &GenRef, fx: &Effects) {
     let at = s.checkpoint().await.unwrap();
     let next = at.map_or(1, |n| n + 1);
     assert_eq!(
-        s.commit(at, next, fx, &BTreeMap::new()).await.unwrap(),
+        s.commit(at, next, &Arc::new(fx.clone()), &BTreeMap::new())
+            .await
+            .unwrap(),
         Commit::Applied
     );
 }
@@ -446,7 +449,10 @@ async fn reapplying_a_batch_changes_nothing(store: &dyn DocStore) {
     let fx = fold::fold(&def, &batch, &reads);
     assert!(fx.docs.is_empty(), "already applied: {:?}", fx.docs);
     assert_eq!(
-        again.commit(Some(4), 4, &fx, &def.schema).await.unwrap(),
+        again
+            .commit(Some(4), 4, &Arc::new(fx), &def.schema)
+            .await
+            .unwrap(),
         Commit::Applied
     );
     assert_eq!(views("2").await, once(1, json!(["a"]), 1));
@@ -580,6 +586,7 @@ async fn checkpoints_fence_stale_writers(store: &dyn DocStore) {
     let mut stale = store.session(&g, 0).await.unwrap();
     let mut fx = fold::fold(&def, &first, &Default::default());
     fx.dead_letters.push(dead_letter(3));
+    let fx = Arc::new(fx);
     assert_eq!(
         stale.commit(None, 5, &fx, &def.schema).await.unwrap(),
         Commit::Fenced { found: Some(10) }
@@ -601,7 +608,7 @@ async fn checkpoints_fence_stale_writers(store: &dyn DocStore) {
     // Empty effects still move the checkpoint.
     assert_eq!(
         stale
-            .commit(Some(10), 12, &Effects::default(), &def.schema)
+            .commit(Some(10), 12, &Arc::new(Effects::default()), &def.schema)
             .await
             .unwrap(),
         Commit::Applied
@@ -609,7 +616,7 @@ async fn checkpoints_fence_stale_writers(store: &dyn DocStore) {
     assert_eq!(worker.checkpoint().await.unwrap(), Some(12));
     assert_eq!(
         worker
-            .commit(Some(10), 13, &Effects::default(), &def.schema)
+            .commit(Some(10), 13, &Arc::new(Effects::default()), &def.schema)
             .await
             .unwrap(),
         Commit::Fenced { found: Some(12) }
@@ -617,7 +624,7 @@ async fn checkpoints_fence_stale_writers(store: &dyn DocStore) {
     // Another partition's checkpoint is its own.
     let mut p1 = store.session(&g, 1).await.unwrap();
     assert_eq!(
-        p1.commit(None, 1, &Effects::default(), &def.schema)
+        p1.commit(None, 1, &Arc::new(Effects::default()), &def.schema)
             .await
             .unwrap(),
         Commit::Applied
@@ -637,7 +644,7 @@ async fn dead_letters_idempotent_newest_first(store: &dyn DocStore) {
     };
     let mut s = store.session(&g, 1).await.unwrap();
     assert_eq!(
-        s.commit(None, 3, &fx(0..3), &BTreeMap::new())
+        s.commit(None, 3, &Arc::new(fx(0..3)), &BTreeMap::new())
             .await
             .unwrap(),
         Commit::Applied
@@ -653,7 +660,7 @@ async fn dead_letters_idempotent_newest_first(store: &dyn DocStore) {
 
     // Recorded again (a batch folded again): one dead letter each.
     assert_eq!(
-        s.commit(Some(3), 4, &fx(1..4), &BTreeMap::new())
+        s.commit(Some(3), 4, &Arc::new(fx(1..4)), &BTreeMap::new())
             .await
             .unwrap(),
         Commit::Applied
@@ -674,7 +681,7 @@ async fn dead_letters_idempotent_newest_first(store: &dyn DocStore) {
     // Only the newest DEAD_LETTERS_KEPT are kept; the count covers all.
     let end = 4 + DEAD_LETTERS_KEPT as u64 + 5;
     assert_eq!(
-        s.commit(Some(4), end, &fx(4..end), &BTreeMap::new())
+        s.commit(Some(4), end, &Arc::new(fx(4..end)), &BTreeMap::new())
             .await
             .unwrap(),
         Commit::Applied
@@ -705,7 +712,7 @@ async fn generations_are_isolated(store: &dyn DocStore) {
             ..Effects::default()
         };
         assert_eq!(
-            s.commit(Some(likes), likes + 1, &fx, &def.schema)
+            s.commit(Some(likes), likes + 1, &Arc::new(fx), &def.schema)
                 .await
                 .unwrap(),
             Commit::Applied
@@ -1109,11 +1116,13 @@ async fn embedded_state_survives_a_restart() {
             ..Effects::default()
         };
         assert_eq!(
-            p1.commit(Some(5), 8, &fx, &def.schema).await.unwrap(),
+            p1.commit(Some(5), 8, &Arc::new(fx), &def.schema)
+                .await
+                .unwrap(),
             Commit::Applied
         );
         assert_eq!(
-            p1.commit(Some(8), 9, &Effects::default(), &def.schema)
+            p1.commit(Some(8), 9, &Arc::new(Effects::default()), &def.schema)
                 .await
                 .unwrap(),
             Commit::Applied

@@ -9,6 +9,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::elasticsearch_url as es_url;
@@ -136,7 +137,10 @@ async fn commit_batch(
         let keys = keys_to_read(def, inputs, true);
         let reads = session.read_fields(&keys, &def.doc_reads).await?;
         let fx = fold(def, inputs, &reads);
-        match session.commit(expected, next, &fx, &def.schema).await? {
+        match session
+            .commit(expected, next, &Arc::new(fx), &def.schema)
+            .await?
+        {
             Commit::Applied => return Ok(conflicts),
             Commit::Conflict => {
                 conflicts += 1;

@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use refold::projection::def::FieldKind;
 use refold::projection::fold::{DeadLetter, DocDelta, Effects, FieldDelta};
@@ -126,7 +127,10 @@ async fn commit(
     fx: &Effects,
 ) -> Commit {
     let mut session = kv.session(g, partition).await.unwrap();
-    session.commit(expected, next, fx, &schema()).await.unwrap()
+    session
+        .commit(expected, next, &Arc::new(fx.clone()), &schema())
+        .await
+        .unwrap()
 }
 
 async fn view(kv: &dyn KvStore, g: &GenRef, key: &str) -> Option<Map<String, Value>> {
@@ -393,7 +397,7 @@ async fn checkpoints_fence_stale_writers(kv: &dyn KvStore) {
     assert_eq!(worker.checkpoint().await.unwrap(), None);
     assert_eq!(
         worker
-            .commit(None, 10, &fx(1, "first"), &schema())
+            .commit(None, 10, &Arc::new(fx(1, "first")), &schema())
             .await
             .unwrap(),
         Commit::Applied
@@ -406,7 +410,7 @@ async fn checkpoints_fence_stale_writers(kv: &dyn KvStore) {
     for expected in [None, Some(5), Some(11)] {
         assert_eq!(
             stale
-                .commit(expected, 20, &fx(100, "stale"), &schema())
+                .commit(expected, 20, &Arc::new(fx(100, "stale")), &schema())
                 .await
                 .unwrap(),
             Commit::Fenced { found: Some(10) },
@@ -424,14 +428,14 @@ async fn checkpoints_fence_stale_writers(kv: &dyn KvStore) {
     // Whoever moves the checkpoint on fences the other one.
     assert_eq!(
         stale
-            .commit(Some(10), 20, &fx(2, "second"), &schema())
+            .commit(Some(10), 20, &Arc::new(fx(2, "second")), &schema())
             .await
             .unwrap(),
         Commit::Applied
     );
     assert_eq!(
         worker
-            .commit(Some(10), 15, &fx(100, "late"), &schema())
+            .commit(Some(10), 15, &Arc::new(fx(100, "late")), &schema())
             .await
             .unwrap(),
         Commit::Fenced { found: Some(20) }
@@ -443,7 +447,7 @@ async fn checkpoints_fence_stale_writers(kv: &dyn KvStore) {
         kv.session(&g, 0).await.unwrap(),
         kv.session(&g, 0).await.unwrap(),
     );
-    let (fa, fb) = (fx(10, "a"), fx(10, "b"));
+    let (fa, fb) = (Arc::new(fx(10, "a")), Arc::new(fx(10, "b")));
     let s = schema();
     let (ra, rb) = tokio::join!(
         a.commit(Some(20), 30, &fa, &s),
@@ -575,7 +579,10 @@ async fn read_fields_returns_stored_values(kv: &dyn KvStore) {
     ]);
     let mut session = kv.session(&g, 0).await.unwrap();
     assert_eq!(
-        session.commit(None, 1, &fx, &schema()).await.unwrap(),
+        session
+            .commit(None, 1, &Arc::new(fx), &schema())
+            .await
+            .unwrap(),
         Commit::Applied
     );
 

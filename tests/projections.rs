@@ -219,8 +219,16 @@ async fn a_worker_with_a_backlog_folds_several_reads_into_one_commit() {
 
     let one_read = 1 << 20;
     for (name, buffer, commits) in [
-        ("post_stats", 4 << 20, (EVENTS * PAD).div_ceil(one_read + (4 << 20))..=7),
-        ("posts", 4 << 20, (EVENTS * PAD).div_ceil(one_read + (4 << 20))..=7),
+        (
+            "post_stats",
+            4 << 20,
+            (EVENTS * PAD).div_ceil(one_read + (4 << 20))..=7,
+        ),
+        (
+            "posts",
+            4 << 20,
+            (EVENTS * PAD).div_ceil(one_read + (4 << 20))..=7,
+        ),
         ("post_stats", 0, (EVENTS * PAD / one_read)..=EVENTS),
     ] {
         let alone = dir.path().join(format!("only-{name}"));
@@ -765,7 +773,7 @@ async fn generations_left_behind_by_a_crash_are_dropped_at_start() {
         let mut session = kv.session(&stale, 0).await.unwrap();
         let schema = Default::default();
         session
-            .commit(None, 3, &Effects::default(), &schema)
+            .commit(None, 3, &Arc::new(Effects::default()), &schema)
             .await
             .unwrap();
         assert!(kv.generations("post_stats").await.unwrap().contains(&7));

@@ -566,6 +566,7 @@ async fn run_partition(
         let commit_to = fx.halted_at.unwrap_or(upto);
         let started = Instant::now();
         committed = Some(started);
+        let fx = Arc::new(fx);
         let commit = session
             .commit(expected, commit_to, &fx, &g.def.schema)
             .await?;

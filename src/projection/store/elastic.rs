@@ -1243,7 +1243,7 @@ impl Session for ElasticSession {
         &mut self,
         expected: Option<u64>,
         next: u64,
-        effects: &Effects,
+        effects: &Arc<Effects>,
         _schema: &Schema,
     ) -> StoreResult<Commit> {
         let mut read = std::mem::take(&mut self.read);

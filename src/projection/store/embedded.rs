@@ -679,10 +679,10 @@ impl Session for RedbSession {
         &mut self,
         expected: Option<u64>,
         next: u64,
-        effects: &Effects,
+        effects: &Arc<Effects>,
         _schema: &Schema,
     ) -> StoreResult<Commit> {
-        let (gid, p, fx) = (self.gid.clone(), self.partition, effects.clone());
+        let (gid, p, fx) = (self.gid.clone(), self.partition, Arc::clone(effects));
         let durable = self.durable.clone();
         blocking(self.db.clone(), move |db| {
             let mut txn = db.begin_write()?;

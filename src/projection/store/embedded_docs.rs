@@ -615,12 +615,11 @@ impl Session for DocSession {
         &mut self,
         expected: Option<u64>,
         next: u64,
-        effects: &Effects,
+        effects: &Arc<Effects>,
         _schema: &Schema,
     ) -> StoreResult<Commit> {
         let (gen_, p) = (self.gen_.clone(), self.partition);
-        let docs = effects.docs.clone();
-        let dead = effects.dead_letters.clone();
+        let fx = Arc::clone(effects);
         blocking(move || {
             let mut writer = gen_.writer();
             let found = gen_.state().checkpoints.get(&p).copied();
@@ -629,7 +628,7 @@ impl Session for DocSession {
             }
             let mut state = gen_.state().clone();
             state.checkpoints.insert(p, next);
-            state.record(&dead);
+            state.record(&fx.dead_letters);
             let payload = serde_json::to_string(&state).expect("state serializes");
             if gen_.dropped.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(storage(format!("{} was dropped", gen_.dir.display())));
@@ -645,7 +644,7 @@ impl Session for DocSession {
             let writer = slot.as_mut().expect("opened above");
             let written = (|| {
                 let searcher = gen_.reader.searcher();
-                for (key, delta) in &docs {
+                for (key, delta) in &fx.docs {
                     let current = gen_.get_in(&searcher, key)?;
                     // A key not in the index has nothing to delete (the writer
                     // holds nothing uncommitted: a failed commit drops it).

@@ -220,14 +220,15 @@ pub trait Session: Send {
     ) -> StoreResult<DocReads>;
 
     /// Applies `effects` and sets the checkpoint to `next` if the checkpoint is
-    /// still `expected`; otherwise applies nothing. Key-value stores do both in
+    /// still `expected`; otherwise applies nothing. (Shared, not copied, into an
+    /// adapter's blocking work.) Key-value stores do both in
     /// one atomic step; document stores write the documents (stamped with `next`
     /// for this partition) and then the checkpoint, so re-applying is harmless.
     async fn commit(
         &mut self,
         expected: Option<u64>,
         next: u64,
-        effects: &Effects,
+        effects: &Arc<Effects>,
         schema: &Schema,
     ) -> StoreResult<Commit>;
 }

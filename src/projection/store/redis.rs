@@ -28,6 +28,7 @@
 //! or hung Redis surfaces as [`StoreError::Unavailable`].
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -351,7 +352,7 @@ impl Session for RedisSession {
         &mut self,
         expected: Option<u64>,
         next: u64,
-        effects: &Effects,
+        effects: &Arc<Effects>,
         schema: &Schema,
     ) -> StoreResult<Commit> {
         let mut con = self.link.conn().await?;
