@@ -61,8 +61,10 @@ this machine and the backends the flags select (the embedded ones by default;
 --log kafka --kafka-brokers, --redis-url and --elasticsearch-url for real ones):
 
   raw     log append and read (and a bare rdkafka producer and consumer on
-          Kafka), key-value store writes (Redis pipelines or redb), document
-          store writes (Elasticsearch _bulk or tantivy)
+          Kafka); just before the replays, the events topic's read and the
+          stores' writes of as many events: post_stats's writes per event
+          (Redis pipelines or redb transactions), a document per event
+          (Elasticsearch _bulk or tantivy)
   refold  the write path alone: HTTP ingest (bulk and single-event requests),
           append latency at 1,000 requests/s; then with the demo projections
           folding beside it: bulk ingest, append latency, append-to-visible
