@@ -14,9 +14,11 @@
 //! read and rewritten once per batch; the members of its sets and the values its
 //! distinct counts have seen are rows of their own, so a batch writes only the
 //! members it adds or removes, however large the set (a popular post's viewers).
-//! The record keeps each such field's row count. The file records its layout
-//! ([`LAYOUT`]): read models written in an older layout are dropped when the file
-//! is opened and rebuilt from the log. Differences from Redis, by design:
+//! The record keeps each such field's row count. Each generation's read models
+//! are tables of their own ([`Tables`]), keyed by byte strings ([`part`]), so a
+//! key compares as one byte string and dropping a generation drops its tables.
+//! The file records its layout ([`LAYOUT`]): read models written in an older
+//! layout are dropped when the file is opened and rebuilt from the log. Differences from Redis, by design:
 //! `count_distinct` is exact here (a set of the values seen) where Redis estimates
 //! with HyperLogLog; rankings keep a score index so the top members are a range
 //! scan, ordered as ZREVRANGE orders them.
@@ -44,17 +46,8 @@ use crate::projection::fold::{DeadLetter, DocReads, Effects, FieldDelta};
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// (generation, partition) -> next offset
 const CKPT: TableDefinition<(&str, u32), u64> = TableDefinition::new("checkpoints");
-/// (generation, key) -> StoredDoc (JSON)
-const DOCS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("docs");
-/// (generation, key, field, member) -> (): the members of set fields and the
-/// values distinct fields have seen, one row each
-const MEMBERS: TableDefinition<(&str, &str, &str, &str), ()> = TableDefinition::new("members");
 /// "layout" -> the layout of the read models in this file ([`LAYOUT`])
 const FORMAT: TableDefinition<&str, u32> = TableDefinition::new("format");
-/// (generation, ranking, member) -> score
-const RANK: TableDefinition<(&str, &str, &str), f64> = TableDefinition::new("rank");
-/// (generation, ranking, ordered score, member) -> ()
-const RANK_IDX: TableDefinition<(&str, &str, u64, &str), ()> = TableDefinition::new("rank_idx");
 /// (generation, sequence) -> DeadLetter (JSON); the sequence counts all of them
 const DEAD: TableDefinition<(&str, u64), &str> = TableDefinition::new("dead_letters");
 /// generation -> dead letters recorded so far
@@ -63,21 +56,133 @@ const DEAD_COUNT: TableDefinition<&str, u64> = TableDefinition::new("dead_count"
 const CACHE_BYTES: usize = 64 << 20;
 
 /// The layout this version writes. 1: sets and distinct values inside each key's
-/// record; 2: as rows of [`MEMBERS`].
-pub const LAYOUT: u32 = 2;
+/// record; 2: as rows of their own; 3: each generation's read models in tables
+/// of their own ([`Tables`]), keyed by byte strings.
+pub const LAYOUT: u32 = 3;
 
-/// Every table that holds read models or their metadata.
+/// The tables every generation shares.
 macro_rules! each_table {
     ($m:ident!($($arg:tt)*)) => {
         $m!($($arg)* META);
         $m!($($arg)* CKPT);
-        $m!($($arg)* DOCS);
-        $m!($($arg)* MEMBERS);
-        $m!($($arg)* RANK);
-        $m!($($arg)* RANK_IDX);
         $m!($($arg)* DEAD);
         $m!($($arg)* DEAD_COUNT);
     };
+}
+
+/// The tables of one generation's read models, named after it. Keys are byte
+/// strings of [`part`]s, so that a row compares as one byte string:
+/// - `docs@{gid}`: key → [`StoredDoc`] (JSON);
+/// - `members@{gid}`: part(key) part(field) member → (): the members of set
+///   fields and the values distinct fields have seen, one row each;
+/// - `rank@{gid}`: part(ranking) member → score;
+/// - `rank_idx@{gid}`: part(ranking) [`ordered`] score (8 bytes, big-endian)
+///   member → (): the score index.
+struct Tables {
+    docs: String,
+    members: String,
+    rank: String,
+    rank_idx: String,
+}
+
+type Bytes = &'static [u8];
+
+impl Tables {
+    fn of(gid: &str) -> Self {
+        Self {
+            docs: format!("docs@{gid}"),
+            members: format!("members@{gid}"),
+            rank: format!("rank@{gid}"),
+            rank_idx: format!("rank_idx@{gid}"),
+        }
+    }
+
+    fn docs(&self) -> TableDefinition<'_, &'static str, Bytes> {
+        TableDefinition::new(&self.docs)
+    }
+
+    fn members(&self) -> TableDefinition<'_, Bytes, ()> {
+        TableDefinition::new(&self.members)
+    }
+
+    fn rank(&self) -> TableDefinition<'_, Bytes, f64> {
+        TableDefinition::new(&self.rank)
+    }
+
+    fn rank_idx(&self) -> TableDefinition<'_, Bytes, ()> {
+        TableDefinition::new(&self.rank_idx)
+    }
+}
+
+/// Appends `s` as one part of a byte-string key: its bytes with each 0 escaped
+/// as 0 0xFF, then 0 1. Keys of parts sort as the parts do, element by element,
+/// and the rows under a prefix of whole parts are `prefix..`[`end_of`]`(prefix)`.
+fn part(key: &mut Vec<u8>, s: &str) {
+    for &b in s.as_bytes() {
+        key.push(b);
+        if b == 0 {
+            key.push(0xFF);
+        }
+    }
+    key.extend_from_slice(&[0, 1]);
+}
+
+/// The first key after every key that starts with `prefix` (whole [`part`]s,
+/// which end in 1).
+fn end_of(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    *end.last_mut().expect("a prefix of parts") += 1;
+    end
+}
+
+/// `parts`, each a [`part`].
+fn parts(parts: &[&str]) -> Vec<u8> {
+    let mut key = Vec::new();
+    for p in parts {
+        part(&mut key, p);
+    }
+    key
+}
+
+/// Keys of rows under one prefix of [`part`]s, in one buffer: the prefix, then
+/// a row's last element as it is (a member, a ranking's member).
+struct RowKey {
+    buf: Vec<u8>,
+    prefix: usize,
+}
+
+impl RowKey {
+    fn new(prefix: &[&str]) -> Self {
+        let buf = parts(prefix);
+        Self {
+            prefix: buf.len(),
+            buf,
+        }
+    }
+
+    /// The key of the row ending with `last`'s bytes (after `more`'s, if any).
+    fn of(&mut self, last: &str) -> &[u8] {
+        self.with(&[], last)
+    }
+
+    fn with(&mut self, more: &[u8], last: &str) -> &[u8] {
+        self.buf.truncate(self.prefix);
+        self.buf.extend_from_slice(more);
+        self.buf.extend_from_slice(last.as_bytes());
+        &self.buf
+    }
+}
+
+/// A generation's table for reading; `None` if nothing was ever written to it.
+fn read_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    def: TableDefinition<'_, K, V>,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>, redb::Error> {
+    match txn.open_table(def) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A key's stored read model.
@@ -98,7 +203,7 @@ enum Stored {
     List(VecDeque<String>),
 }
 
-type Members<'t> = redb::Table<'t, (&'static str, &'static str, &'static str, &'static str), ()>;
+type Members<'t> = redb::Table<'t, Bytes, ()>;
 
 pub struct EmbeddedKv {
     db: Arc<Database>,
@@ -113,13 +218,13 @@ fn storage(e: impl std::fmt::Display) -> StoreError {
     StoreError::Other(format!("embedded store: {e}"))
 }
 
-/// The table-key prefix of a generation.
+/// A generation's name in table names and keys.
 fn gen_id(g: &GenRef) -> String {
     format!("{}:{}", g.projection, g.generation)
 }
 
 /// The first string after every string that starts with `s`'s whole value, for
-/// tuple ranges: `(s, "")..(after(s), "")` holds exactly the tuples whose first
+/// tuple ranges: `(s, 0)..(after(s), 0)` holds exactly the tuples whose first
 /// element is `s`.
 fn after(s: &str) -> String {
     format!("{s}\0")
@@ -217,12 +322,15 @@ fn check_layout(db: &Database, path: &Path) -> StoreResult<()> {
     if found < LAYOUT {
         tracing::warn!(path = %path.display(), layout = found, now = LAYOUT,
             "the embedded read models were written in an older layout: dropping them; every projection is rebuilt from the log");
-        macro_rules! delete {
-            ($t:ident) => {
-                txn.delete_table($t).map_err(storage)?;
-            };
+        // Every table but the layout's: the shared ones and every generation's.
+        let tables: Vec<_> = txn
+            .list_tables()
+            .map_err(storage)?
+            .filter(|t| t.name() != FORMAT.name())
+            .collect();
+        for t in tables {
+            txn.delete_table(t).map_err(storage)?;
         }
-        each_table!(delete!());
     }
     macro_rules! create {
         ($t:ident) => {
@@ -271,20 +379,15 @@ fn render(
 /// Removes `key`'s member rows: every field's, or `field`'s.
 fn clear_members(
     members: &mut Members<'_>,
-    gid: &str,
     key: &str,
     field: Option<&str>,
 ) -> Result<(), redb::Error> {
-    match field {
-        None => {
-            let hi = after(key);
-            members.retain_in((gid, key, "", "")..(gid, hi.as_str(), "", ""), |_, _| false)?;
-        }
-        Some(f) => {
-            let hi = after(f);
-            members.retain_in((gid, key, f, "")..(gid, key, hi.as_str(), ""), |_, _| false)?;
-        }
+    let mut lo = parts(&[key]);
+    if let Some(f) = field {
+        part(&mut lo, f);
     }
+    let hi = end_of(&lo);
+    members.retain_in(lo.as_slice()..hi.as_slice(), |_, _| false)?;
     Ok(())
 }
 
@@ -292,7 +395,7 @@ fn clear_members(
 fn apply_field(
     doc: &mut StoredDoc,
     members: &mut Members<'_>,
-    (gid, key): (&str, &str),
+    key: &str,
     field: &str,
     delta: &FieldDelta,
 ) -> Result<(), redb::Error> {
@@ -306,7 +409,7 @@ fn apply_field(
     if !fits {
         // Absent (or of another kind, after a definition change): start afresh.
         if let Some(Stored::Set(_) | Stored::Distinct(_)) = doc.fields.get(field) {
-            clear_members(members, gid, key, Some(field))?;
+            clear_members(members, key, Some(field))?;
         }
         let fresh = match delta {
             FieldDelta::Set(v) => Stored::Value(v.clone()),
@@ -318,26 +421,23 @@ fn apply_field(
         doc.fields.insert(field.to_owned(), fresh);
     }
     let slot = doc.fields.get_mut(field).expect("inserted above");
+    let mut row = RowKey::new(&[key, field]);
     match (slot, delta) {
         (Stored::Counter(n), FieldDelta::Incr(by)) => *n = n.saturating_add(*by),
         (Stored::Set(n), FieldDelta::Members(m)) => {
             for (member, present) in m {
-                let row = (gid, key, field, member.as_str());
                 if *present {
-                    if members.insert(row, ())?.is_none() {
+                    if members.insert(row.of(member), ())?.is_none() {
                         *n += 1;
                     }
-                } else if members.remove(row)?.is_some() {
+                } else if members.remove(row.of(member))?.is_some() {
                     *n -= 1;
                 }
             }
         }
         (Stored::Distinct(n), FieldDelta::Distinct(d)) => {
             for value in d {
-                if members
-                    .insert((gid, key, field, value.as_str()), ())?
-                    .is_none()
-                {
+                if members.insert(row.of(value), ())?.is_none() {
                     *n += 1;
                 }
             }
@@ -355,19 +455,20 @@ fn apply_field(
 }
 
 fn apply_effects(txn: &WriteTransaction, gid: &str, fx: &Effects) -> Result<(), redb::Error> {
-    let mut docs = txn.open_table(DOCS)?;
-    let mut members = txn.open_table(MEMBERS)?;
+    let tables = Tables::of(gid);
+    let mut docs = txn.open_table(tables.docs())?;
+    let mut members = txn.open_table(tables.members())?;
     for (key, delta) in &fx.docs {
         let mut doc = if delta.reset {
-            clear_members(&mut members, gid, key, None)?;
+            clear_members(&mut members, key, None)?;
             StoredDoc::default()
         } else {
-            docs.get((gid, key.as_str()))?
+            docs.get(key.as_str())?
                 .map(|v| read_doc(v.value()))
                 .unwrap_or_default()
         };
         for (field, d) in &delta.fields {
-            apply_field(&mut doc, &mut members, (gid, key), field, d)?;
+            apply_field(&mut doc, &mut members, key, field, d)?;
         }
         // As in Redis, an emptied set or list no longer exists.
         doc.fields.retain(|_, v| match v {
@@ -376,25 +477,24 @@ fn apply_effects(txn: &WriteTransaction, gid: &str, fx: &Effects) -> Result<(), 
             _ => true,
         });
         if doc.fields.is_empty() {
-            docs.remove((gid, key.as_str()))?;
+            docs.remove(key.as_str())?;
         } else {
             let bytes = serde_json::to_vec(&doc).expect("a stored doc serializes");
-            docs.insert((gid, key.as_str()), bytes.as_slice())?;
+            docs.insert(key.as_str(), bytes.as_slice())?;
         }
     }
-    let mut rank = txn.open_table(RANK)?;
-    let mut idx = txn.open_table(RANK_IDX)?;
+    let mut rank = txn.open_table(tables.rank())?;
+    let mut idx = txn.open_table(tables.rank_idx())?;
     for (name, members) in &fx.rankings {
+        let (mut score_key, mut idx_key) = (RowKey::new(&[name]), RowKey::new(&[name]));
         for (member, by) in members {
-            let old = rank
-                .get((gid, name.as_str(), member.as_str()))?
-                .map(|v| v.value());
+            let old = rank.get(score_key.of(member))?.map(|v| v.value());
             if let Some(old) = old {
-                idx.remove((gid, name.as_str(), ordered(old), member.as_str()))?;
+                idx.remove(idx_key.with(&ordered(old).to_be_bytes(), member))?;
             }
             let new = old.unwrap_or(0.0) + by;
-            rank.insert((gid, name.as_str(), member.as_str()), new)?;
-            idx.insert((gid, name.as_str(), ordered(new), member.as_str()), ())?;
+            rank.insert(score_key.of(member), new)?;
+            idx.insert(idx_key.with(&ordered(new).to_be_bytes(), member), ())?;
         }
     }
     if !fx.dead_letters.is_empty() {
@@ -491,23 +591,31 @@ impl Store for EmbeddedKv {
         let found = self
             .blocking(move |db| {
                 let txn = db.begin_read()?;
-                let t = txn.open_table(DOCS)?;
-                let Some(doc) = t
-                    .get((gid.as_str(), key.as_str()))?
+                let tables = Tables::of(&gid);
+                let Some(doc) = read_table(&txn, tables.docs())?
+                    .map(|t| t.get(key.as_str()))
+                    .transpose()?
+                    .flatten()
                     .map(|v| read_doc(v.value()))
                 else {
                     return Ok(None);
                 };
-                let rows = txn.open_table(MEMBERS)?;
                 let mut sets = BTreeMap::new();
+                let Some(rows) = read_table(&txn, tables.members())? else {
+                    return Ok(Some((doc, sets)));
+                };
                 for (field, stored) in &doc.fields {
                     if !matches!(stored, Stored::Set(_)) {
                         continue;
                     }
-                    let (k, f, hi) = (key.as_str(), field.as_str(), after(field));
+                    let lo = parts(&[key.as_str(), field]);
+                    let hi = end_of(&lo);
                     let members = rows
-                        .range((gid.as_str(), k, f, "")..(gid.as_str(), k, hi.as_str(), ""))?
-                        .map(|row| Ok(row?.0.value().3.to_owned()))
+                        .range(lo.as_slice()..hi.as_slice())?
+                        .map(|row| {
+                            let (k, _) = row?;
+                            Ok(String::from_utf8_lossy(&k.value()[lo.len()..]).into_owned())
+                        })
                         .collect::<Result<Vec<_>, redb::Error>>()?;
                     sets.insert(field.clone(), members);
                 }
@@ -554,11 +662,12 @@ impl Store for EmbeddedKv {
             let hi = after(&gid);
             let (g, h) = (gid.as_str(), hi.as_str());
             let txn = db.begin_write()?;
+            let tables = Tables::of(g);
+            txn.delete_table(tables.docs())?;
+            txn.delete_table(tables.members())?;
+            txn.delete_table(tables.rank())?;
+            txn.delete_table(tables.rank_idx())?;
             drop_prefix!(txn, CKPT, g, (g, 0u32), (h, 0u32));
-            drop_prefix!(txn, DOCS, g, (g, ""), (h, ""));
-            drop_prefix!(txn, MEMBERS, g, (g, "", "", ""), (h, "", "", ""));
-            drop_prefix!(txn, RANK, g, (g, "", ""), (h, "", ""));
-            drop_prefix!(txn, RANK_IDX, g, (g, "", 0u64, ""), (h, "", 0u64, ""));
             drop_prefix!(txn, DEAD, g, (g, 0u64), (h, 0u64));
             txn.open_table(DEAD_COUNT)?.remove(g)?;
             txn.commit()?;
@@ -597,20 +706,26 @@ impl KvStore for EmbeddedKv {
         let (gid, name) = (gen_id(generation), name.to_owned());
         self.blocking(move |db| {
             let txn = db.begin_read()?;
-            let idx = txn.open_table(RANK_IDX)?;
-            let rank = txn.open_table(RANK)?;
-            let lo = (gid.as_str(), name.as_str(), 0u64, "");
-            let hi_name = after(&name);
-            let hi = (gid.as_str(), hi_name.as_str(), 0u64, "");
+            let tables = Tables::of(&gid);
+            let (Some(idx), Some(rank)) = (
+                read_table(&txn, tables.rank_idx())?,
+                read_table(&txn, tables.rank())?,
+            ) else {
+                return Ok(Vec::new());
+            };
+            let lo = parts(&[name.as_str()]);
+            let hi = end_of(&lo);
+            let mut score_key = RowKey::new(&[name.as_str()]);
             let mut out = Vec::new();
-            for entry in idx.range(lo..hi)?.rev().take(limit) {
+            for entry in idx.range(lo.as_slice()..hi.as_slice())?.rev().take(limit) {
                 let (k, _) = entry?;
-                let (_, _, _, member) = k.value();
+                // After the ranking's part, the 8 bytes of the ordered score.
+                let member = String::from_utf8_lossy(&k.value()[lo.len() + 8..]).into_owned();
                 let score = rank
-                    .get((gid.as_str(), name.as_str(), member))?
+                    .get(score_key.of(&member))?
                     .map(|v| v.value())
                     .unwrap_or(0.0);
-                out.push((member.to_owned(), score));
+                out.push((member, score));
             }
             Ok(out)
         })
@@ -647,13 +762,12 @@ impl Session for RedbSession {
         let (gid, keys, fields) = (self.gid.clone(), keys.clone(), fields.to_vec());
         blocking(self.db.clone(), move |db| {
             let txn = db.begin_read()?;
-            let t = txn.open_table(DOCS)?;
             let mut out = DocReads::new();
+            let Some(t) = read_table(&txn, Tables::of(&gid).docs())? else {
+                return Ok(out);
+            };
             for key in keys {
-                let Some(doc) = t
-                    .get((gid.as_str(), key.as_str()))?
-                    .map(|v| read_doc(v.value()))
-                else {
+                let Some(doc) = t.get(key.as_str())?.map(|v| read_doc(v.value())) else {
                     continue;
                 };
                 let mut got = BTreeMap::new();
@@ -726,13 +840,49 @@ mod tests {
     }
 
     #[test]
+    fn keys_of_parts_sort_as_the_parts_do_and_a_prefix_holds_exactly_its_rows() {
+        let words = ["", "a", "a\0", "a\0b", "a\u{1}", "ab", "b", "\u{ff}", "é"];
+        let mut tuples = Vec::new();
+        for x in words {
+            for y in words {
+                tuples.push((x, y));
+            }
+        }
+        for &(a, b) in &tuples {
+            for &(c, d) in &tuples {
+                assert_eq!(
+                    parts(&[a, b]).cmp(&parts(&[c, d])),
+                    (a, b).cmp(&(c, d)),
+                    "{a:?},{b:?} vs {c:?},{d:?}"
+                );
+            }
+            // The rows under (a, b): a member's row and a deeper part's.
+            let lo = parts(&[a, b]);
+            let hi = end_of(&lo);
+            for &(c, d) in &tuples {
+                for row in [RowKey::new(&[c, d]).of("m").to_vec(), parts(&[c, d, "x"])] {
+                    let under = (lo.as_slice()..hi.as_slice()).contains(&row.as_slice());
+                    assert_eq!(under, (a, b) == (c, d), "{c:?},{d:?} under {a:?},{b:?}");
+                }
+            }
+        }
+        // A score index row: the 8 bytes of the score may start with 0xFF.
+        let lo = parts(&["r"]);
+        let top = RowKey::new(&["r"])
+            .with(&ordered(f64::MAX).to_be_bytes(), "m")
+            .to_vec();
+        assert!(top[lo.len()] == 0xFF && top.as_slice() < end_of(&lo).as_slice());
+    }
+
+    #[test]
     fn a_field_of_another_kind_starts_afresh() {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::create(dir.path().join("t.redb")).unwrap();
         let txn = db.begin_write().unwrap();
-        let mut rows = txn.open_table(MEMBERS).unwrap();
+        let tables = Tables::of("g");
+        let mut rows = txn.open_table(tables.members()).unwrap();
         let mut doc = StoredDoc::default();
-        let mut apply = |d: FieldDelta| apply_field(&mut doc, &mut rows, ("g", "k"), "f", &d);
+        let mut apply = |d: FieldDelta| apply_field(&mut doc, &mut rows, "k", "f", &d);
         apply(FieldDelta::Distinct(
             ["\"a\"".into(), "\"b\"".into()].into(),
         ))
@@ -747,30 +897,66 @@ mod tests {
 
     #[test]
     fn read_models_of_an_older_layout_are_dropped_and_a_newer_one_is_refused() {
+        // Layouts 1 and 2 kept every generation in shared tables with tuple keys.
+        const OLD_DOCS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("docs");
+        const OLD_MEMBERS: TableDefinition<(&str, &str, &str, &str), ()> =
+            TableDefinition::new("members");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("views.redb");
-        {
-            // Layout 1: no format table; a key's distinct values inside its record.
-            let db = Database::create(&path).unwrap();
-            let txn = db.begin_write().unwrap();
-            txn.open_table(META).unwrap().insert("p", "{}").unwrap();
-            let old = r#"{"fields":{"v":{"distinct":["\"u1\""]}}}"#;
-            txn.open_table(DOCS)
+        for old in [1, 2] {
+            {
+                let db = Database::create(&path).unwrap();
+                let txn = db.begin_write().unwrap();
+                txn.open_table(META).unwrap().insert("p", "{}").unwrap();
+                let doc = if old == 1 {
+                    // No format table; a key's distinct values inside its record.
+                    r#"{"fields":{"v":{"distinct":["\"u1\""]}}}"#
+                } else {
+                    txn.open_table(FORMAT).unwrap().insert("layout", 2).unwrap();
+                    txn.open_table(OLD_MEMBERS)
+                        .unwrap()
+                        .insert(("p:1", "k", "v", "\"u1\""), ())
+                        .unwrap();
+                    r#"{"fields":{"v":{"distinct":1}}}"#
+                };
+                txn.open_table(OLD_DOCS)
+                    .unwrap()
+                    .insert(("p:1", "k"), doc.as_bytes())
+                    .unwrap();
+                txn.open_table(CKPT).unwrap().insert(("p:1", 0), 7).unwrap();
+                txn.commit().unwrap();
+            }
+            drop(EmbeddedKv::open(dir.path()).unwrap());
+            let db = Database::open(&path).unwrap();
+            let txn = db.begin_read().unwrap();
+            let mut tables: Vec<String> = txn
+                .list_tables()
                 .unwrap()
-                .insert(("p:1", "k"), old.as_bytes())
-                .unwrap();
-            txn.open_table(CKPT).unwrap().insert(("p:1", 0), 7).unwrap();
-            txn.commit().unwrap();
+                .map(|t| t.name().to_owned())
+                .collect();
+            tables.sort();
+            assert_eq!(
+                tables,
+                [
+                    "checkpoints",
+                    "dead_count",
+                    "dead_letters",
+                    "format",
+                    "meta"
+                ],
+                "layout {old}"
+            );
+            assert_eq!(txn.open_table(CKPT).unwrap().len().unwrap(), 0);
+            assert_eq!(txn.open_table(META).unwrap().len().unwrap(), 0);
+            let layout = txn.open_table(FORMAT).unwrap().get("layout").unwrap();
+            assert_eq!(layout.map(|v| v.value()), Some(LAYOUT));
+            drop(txn);
+            drop(db);
+            if old == 1 {
+                std::fs::remove_file(&path).unwrap();
+            }
         }
-        drop(EmbeddedKv::open(dir.path()).unwrap());
         let db = Database::open(&path).unwrap();
-        let txn = db.begin_read().unwrap();
-        assert_eq!(txn.open_table(DOCS).unwrap().len().unwrap(), 0);
-        assert_eq!(txn.open_table(CKPT).unwrap().len().unwrap(), 0);
-        assert_eq!(txn.open_table(META).unwrap().len().unwrap(), 0);
-        let layout = txn.open_table(FORMAT).unwrap().get("layout").unwrap();
-        assert_eq!(layout.map(|v| v.value()), Some(LAYOUT));
-        drop(txn);
         // A file of the current layout keeps its read models.
         let w = db.begin_write().unwrap();
         w.open_table(CKPT).unwrap().insert(("p:1", 0), 7).unwrap();
