@@ -24,13 +24,16 @@ use serde_json::{Value, json};
 use crate::config::{Config, LogBackend};
 use crate::demo::{DemoConfig, Generator};
 use crate::log::{EventLog, ProduceRecord, Record, TopicSpec};
-use crate::projection::store::embedded::ordered;
+use crate::projection::store::embedded::{
+    CACHE_BYTES as EMBEDDED_KV_CACHE_BYTES, DURABLE_EVERY, ordered,
+};
 use crate::server::{Refold, open_log};
 
 /// How much work each measurement does.
 #[derive(Debug, Clone, Copy)]
 pub struct Sizes {
-    /// Events of the raw and ingest measurements (and so of the replays).
+    /// Events of the raw log and ingest measurements (the replays fold what
+    /// they appended).
     pub events: usize,
     /// Seconds of the fixed-rate latency measurement.
     pub latency_secs: u64,
@@ -151,7 +154,7 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
     let projected = status(&http, &base, "post_stats").await?.is_some()
         && status(&http, &base, "posts").await?.is_some();
     if !projected {
-        pb.inc(7);
+        pb.set_position(STEPS);
         figures.push(raw(
             "refold: figures with projections skipped (the demo projections post_stats and posts are not loaded)",
             f64::NAN,
@@ -213,22 +216,23 @@ pub async fn run(config: &Config, sizes: Sizes, pb: &ProgressBar) -> anyhow::Res
     let events = total as usize;
     let batch = config.projection_batch;
     pb.set_message("raw: key-value store writes");
+    let writes = post_stats_writes(&log, &config.topic(crate::migrate::EVENTS)).await?;
     let (kv_name, kv_what, kv_rate) = match &config.redis_url {
         Some(url) => (
-            "Redis pipeline of post_stats's writes",
+            "Redis pipelines of post_stats's writes",
             format!(
-                "raw: Redis pipelines of post_stats's writes (HSET, HINCRBY, PFADD, ZINCRBY per event; {events} events, {batch} per pipeline)"
+                "raw: Redis pipelines of post_stats's writes (HSET, HINCRBY, PFADD, ZINCRBY per event; the events topic's {events} events, {batch} per pipeline)"
             ),
-            raw_redis(url, &config.topic_prefix, events, batch).await?,
+            raw_redis(url, &config.topic_prefix, writes, batch).await?,
         ),
         None => {
             let dir = config.data_dir.join("bench-raw-redb");
             (
                 "redb transactions of post_stats's writes",
                 format!(
-                    "raw: redb transactions of post_stats's writes (counters read and written, viewer rows, ranking scores and index, per event; {events} events, {batch} per transaction, fsync each)"
+                    "raw: redb transactions of post_stats's writes (counters read and written, viewer rows, ranking scores and index, per event; the events topic's {events} events, {batch} per transaction, refold's cache and fsync policy)"
                 ),
-                tokio::task::spawn_blocking(move || raw_redb(&dir, events, batch)).await??,
+                tokio::task::spawn_blocking(move || raw_redb(&dir, writes, batch)).await??,
             )
         }
     };
@@ -634,37 +638,47 @@ async fn bare_kafka(
     Ok((produced, consumed))
 }
 
-/// `post_stats`'s writes for `n` demo events ([`post_stats_writes`], worked out
-/// before the clock starts) as Redis commands in pipelines of `batch` events
-/// (refold's projection batch): HSET of a post's tribe, HINCRBY of its
+/// `post_stats`'s writes for the events of `writes` ([`post_stats_writes`]) as
+/// Redis commands in pipelines of `batch` events (refold's projection batch),
+/// built before the clock starts: HSET of a post's tribe, HINCRBY of its
 /// counters, PFADD of its viewers, ZINCRBY of its ranking score: events/s. The
 /// Redis store's limit for a replay of `post_stats`.
-async fn raw_redis(url: &str, prefix: &str, n: usize, batch: usize) -> anyhow::Result<f64> {
+async fn raw_redis(
+    url: &str,
+    prefix: &str,
+    writes: Vec<Vec<StatsWrite>>,
+    batch: usize,
+) -> anyhow::Result<f64> {
     let client = redis::Client::open(url)?;
     let mut con = client.get_multiplexed_async_connection().await?;
-    let writes = post_stats_writes(n);
     let key = |k: &str| format!("{prefix}bench:{k}");
-    let started = Instant::now();
-    for events in writes.chunks(batch) {
-        let mut pipe = redis::pipe();
-        for w in events.iter().flatten() {
-            match w {
-                StatsWrite::Tribe { post, tribe } => {
-                    pipe.hset(key(post), "tribe_id", tribe).ignore();
-                }
-                StatsWrite::Incr { counter, by } => {
-                    let (post, field) = counter.split_once('\0').unwrap_or((counter, ""));
-                    pipe.hincr(key(post), field, *by).ignore();
-                }
-                StatsWrite::Viewer { row, .. } => {
-                    let (post, user) = row.split_once('\0').unwrap_or((row, ""));
-                    pipe.pfadd(key(&format!("{post}:viewers")), user).ignore();
-                }
-                StatsWrite::Rank { ranking, post, by } => {
-                    pipe.zincr(key(ranking), post, *by).ignore();
+    let pipes: Vec<redis::Pipeline> = writes
+        .chunks(batch)
+        .map(|events| {
+            let mut pipe = redis::pipe();
+            for w in events.iter().flatten() {
+                match w {
+                    StatsWrite::Tribe { post, tribe } => {
+                        pipe.hset(key(post), "tribe_id", tribe).ignore();
+                    }
+                    StatsWrite::Incr { post, field, by } => {
+                        pipe.hincr(key(post), *field, *by).ignore();
+                    }
+                    StatsWrite::Viewer { post, user } => {
+                        pipe.pfadd(key(&format!("{post}:viewers")), user).ignore();
+                    }
+                    StatsWrite::Rank { ranking, post, by } => {
+                        pipe.zincr(key(ranking), post, *by).ignore();
+                    }
                 }
             }
-        }
+            pipe
+        })
+        .collect();
+    let n = writes.len();
+    drop(writes);
+    let started = Instant::now();
+    for pipe in pipes {
         pipe.query_async::<()>(&mut con).await?;
     }
     let r = rate(n, started);
@@ -692,18 +706,22 @@ async fn raw_redis(url: &str, prefix: &str, n: usize, batch: usize) -> anyhow::R
     Ok(r)
 }
 
-/// One write `post_stats` makes for a demo event, worked out from the event
-/// alone (a liked post's tribe from its `PostPublished`), with its keys rendered:
-/// what any store of that read model writes per event, without refold's parsing,
-/// fold or combining.
+/// One write `post_stats` makes for an event, worked out from the event alone
+/// (a liked post's tribe from its `PostPublished`), with its keys rendered: what
+/// any store of that read model writes per event, without refold's parsing, fold
+/// or combining.
 enum StatsWrite {
     /// `PostPublished`: the post's tribe.
     Tribe { post: String, tribe: String },
     /// `PostLiked`/`PostUnliked` (likes), `PostViewed` (views), `CommentAdded`.
-    Incr { counter: String, by: i64 },
+    Incr {
+        post: String,
+        field: &'static str,
+        by: i64,
+    },
     /// `PostViewed`: the viewer joins the post's distinct viewers; a new one
-    /// increments `unique`.
-    Viewer { row: String, unique: String },
+    /// increments its `unique_viewers`.
+    Viewer { post: String, user: String },
     /// `PostLiked`/`PostUnliked`: the post's score in its tribe's ranking.
     Rank {
         ranking: String,
@@ -712,82 +730,121 @@ enum StatsWrite {
     },
 }
 
-/// The writes of `post_stats` (see `projections/post_stats.toml`) for `n` demo
-/// events of the bench's first seed, event by event.
-fn post_stats_writes(n: usize) -> Vec<Vec<StatsWrite>> {
-    let mut generator = Generator::new(DemoConfig {
-        seed: 1,
-        ..DemoConfig::default()
-    });
+/// The writes of `post_stats` (see `projections/post_stats.toml`) for every
+/// event of `topic` (the events the replays fold), event by event, one
+/// partition after the other (a post's events share its stream's partition).
+/// Read and worked out before any clock starts.
+async fn post_stats_writes(
+    log: &Arc<dyn EventLog>,
+    topic: &str,
+) -> anyhow::Result<Vec<Vec<StatsWrite>>> {
+    let mut out = Vec::new();
     let mut tribes = std::collections::HashMap::new();
     let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
-    (0..n)
-        .map(|_| {
-            let e = generator.next_event();
-            let post = text(&e.data["post_id"]);
-            let incr = |field: &str, by| StatsWrite::Incr {
-                counter: format!("{post}\0{field}"),
-                by,
-            };
-            let rank = |by| {
-                tribes.get(&post).map(|tribe: &String| StatsWrite::Rank {
-                    ranking: format!("top_posts:{tribe}"),
-                    post: post.clone(),
-                    by,
-                })
-            };
-            match e.event_type.as_str() {
-                "PostPublished" => {
-                    let tribe = text(&e.data["tribe_id"]);
-                    tribes.insert(post.clone(), tribe.clone());
-                    vec![StatsWrite::Tribe { post, tribe }]
-                }
-                "PostLiked" => [Some(incr("likes", 1)), rank(1.0)]
-                    .into_iter()
-                    .flatten()
-                    .collect(),
-                "PostUnliked" => [Some(incr("likes", -1)), rank(-1.0)]
-                    .into_iter()
-                    .flatten()
-                    .collect(),
-                "PostViewed" => vec![
-                    incr("views", 1),
-                    StatsWrite::Viewer {
-                        row: format!("{post}\0{}", text(&e.data["user_id"])),
-                        unique: format!("{post}\0unique_viewers"),
-                    },
-                ],
-                "CommentAdded" => vec![incr("comments", 1)],
-                _ => Vec::new(),
+    for (p, end) in log.end_offsets(topic).await?.into_iter().enumerate() {
+        let mut reader = log.reader(topic, p as u32, 0).await?;
+        let mut at = 0;
+        while at < end {
+            let batch = reader.next(BATCH, Duration::from_secs(10)).await?;
+            if batch.records.is_empty() && batch.next_offset <= at {
+                bail!("reading {topic}/{p} stalled at offset {at} of {end}");
             }
-        })
-        .collect()
+            at = batch.next_offset;
+            for r in batch.records {
+                let e: Value = r
+                    .record
+                    .value
+                    .and_then(|v| serde_json::from_slice(&v).ok())
+                    .unwrap_or_default();
+                let (data, post) = (&e["data"], text(&e["data"]["post_id"]));
+                let incr = |field, by| StatsWrite::Incr {
+                    post: post.clone(),
+                    field,
+                    by,
+                };
+                let rank = |by| {
+                    tribes.get(&post).map(|tribe: &String| StatsWrite::Rank {
+                        ranking: format!("top_posts:{tribe}"),
+                        post: post.clone(),
+                        by,
+                    })
+                };
+                out.push(match e["type"].as_str().unwrap_or_default() {
+                    "PostPublished" => {
+                        let tribe = text(&data["tribe_id"]);
+                        tribes.insert(post.clone(), tribe.clone());
+                        vec![StatsWrite::Tribe { post, tribe }]
+                    }
+                    "PostLiked" => [Some(incr("likes", 1)), rank(1.0)]
+                        .into_iter()
+                        .flatten()
+                        .collect(),
+                    "PostUnliked" => [Some(incr("likes", -1)), rank(-1.0)]
+                        .into_iter()
+                        .flatten()
+                        .collect(),
+                    "PostViewed" => vec![
+                        incr("views", 1),
+                        StatsWrite::Viewer {
+                            user: text(&data["user_id"]),
+                            post,
+                        },
+                    ],
+                    "CommentAdded" => vec![incr("comments", 1)],
+                    _ => Vec::new(),
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
-/// `post_stats`'s writes for `n` demo events ([`post_stats_writes`], worked out
-/// before the clock starts) in redb write transactions of `batch` events
-/// (refold's projection batch), each durable: every counter read, added to and
-/// written, every viewer inserted, every ranking score moved in a score table
-/// and a score index: events/s. The embedded key-value store's limit for a
-/// replay of `post_stats`.
-fn raw_redb(dir: &std::path::Path, n: usize, batch: usize) -> anyhow::Result<f64> {
-    use redb::{ReadableTable, TableDefinition};
-    const COUNTERS: TableDefinition<&str, i64> = TableDefinition::new("counters");
+/// `post_stats`'s writes for the events of `writes` ([`post_stats_writes`]) in
+/// redb write transactions of `batch` events (refold's projection batch), with
+/// the embedded key-value store's cache and durability (an fsync at most every
+/// [`DURABLE_EVERY`]): every counter read, added to and written, every viewer
+/// inserted, every ranking score moved in a score table and a score index, under
+/// byte-string keys: events/s. The embedded key-value store's limit for a replay
+/// of `post_stats`.
+fn raw_redb(
+    dir: &std::path::Path,
+    writes: Vec<Vec<StatsWrite>>,
+    batch: usize,
+) -> anyhow::Result<f64> {
+    use redb::{Durability, ReadableTable, TableDefinition};
+    const COUNTERS: TableDefinition<&[u8], i64> = TableDefinition::new("counters");
     const TRIBES: TableDefinition<&str, &str> = TableDefinition::new("tribes");
-    const VIEWERS: TableDefinition<&str, ()> = TableDefinition::new("viewers");
-    const SCORES: TableDefinition<(&str, &str), f64> = TableDefinition::new("scores");
-    const BY_SCORE: TableDefinition<(&str, u64, &str), ()> = TableDefinition::new("by_score");
-    fn incr(t: &mut redb::Table<&str, i64>, key: &str, by: i64) -> Result<(), redb::Error> {
+    const VIEWERS: TableDefinition<&[u8], ()> = TableDefinition::new("viewers");
+    const SCORES: TableDefinition<&[u8], f64> = TableDefinition::new("scores");
+    const BY_SCORE: TableDefinition<&[u8], ()> = TableDefinition::new("by_score");
+    /// A row's key: `a`, 0, then `b` and `c`.
+    fn key<'k>(buf: &'k mut Vec<u8>, a: &str, b: &[u8], c: &[u8]) -> &'k [u8] {
+        buf.clear();
+        buf.extend_from_slice(a.as_bytes());
+        buf.push(0);
+        buf.extend_from_slice(b);
+        buf.extend_from_slice(c);
+        buf
+    }
+    fn incr(t: &mut redb::Table<&[u8], i64>, key: &[u8], by: i64) -> Result<(), redb::Error> {
         let v = t.get(key)?.map_or(0, |v| v.value());
         t.insert(key, v + by)?;
         Ok(())
     }
-    let writes = post_stats_writes(n);
     std::fs::create_dir_all(dir)?;
-    let db = redb::Database::create(dir.join("raw.redb"))?;
+    let db = redb::Builder::new()
+        .set_cache_size(EMBEDDED_KV_CACHE_BYTES)
+        .create(dir.join("raw.redb"))?;
+    let (mut k, mut k2) = (Vec::new(), Vec::new());
+    let mut durable = Instant::now();
     let started = Instant::now();
     for events in writes.chunks(batch) {
-        let txn = db.begin_write()?;
+        let mut txn = db.begin_write()?;
+        if durable.elapsed() >= DURABLE_EVERY {
+            durable = Instant::now();
+        } else {
+            txn.set_durability(Durability::None)?;
+        }
         {
             let mut counters = txn.open_table(COUNTERS)?;
             let mut tribes = txn.open_table(TRIBES)?;
@@ -799,28 +856,43 @@ fn raw_redb(dir: &std::path::Path, n: usize, batch: usize) -> anyhow::Result<f64
                     StatsWrite::Tribe { post, tribe } => {
                         tribes.insert(post.as_str(), tribe.as_str())?;
                     }
-                    StatsWrite::Incr { counter, by } => incr(&mut counters, counter, *by)?,
-                    StatsWrite::Viewer { row, unique } => {
-                        if viewers.insert(row.as_str(), ())?.is_none() {
-                            incr(&mut counters, unique, 1)?;
+                    StatsWrite::Incr { post, field, by } => {
+                        incr(&mut counters, key(&mut k, post, field.as_bytes(), b""), *by)?;
+                    }
+                    StatsWrite::Viewer { post, user } => {
+                        let row = key(&mut k, post, user.as_bytes(), b"");
+                        if viewers.insert(row, ())?.is_none() {
+                            incr(&mut counters, key(&mut k, post, b"unique_viewers", b""), 1)?;
                         }
                     }
                     StatsWrite::Rank { ranking, post, by } => {
-                        let key = (ranking.as_str(), post.as_str());
-                        let old = scores.get(key)?.map(|v| v.value());
+                        let at = key(&mut k, ranking, post.as_bytes(), b"");
+                        let old = scores.get(at)?.map(|v| v.value());
                         if let Some(old) = old {
-                            by_score.remove((ranking.as_str(), ordered(old), post.as_str()))?;
+                            let idx = key(
+                                &mut k2,
+                                ranking,
+                                &ordered(old).to_be_bytes(),
+                                post.as_bytes(),
+                            );
+                            by_score.remove(idx)?;
                         }
                         let new = old.unwrap_or(0.0) + by;
-                        scores.insert(key, new)?;
-                        by_score.insert((ranking.as_str(), ordered(new), post.as_str()), ())?;
+                        scores.insert(at, new)?;
+                        let idx = key(
+                            &mut k2,
+                            ranking,
+                            &ordered(new).to_be_bytes(),
+                            post.as_bytes(),
+                        );
+                        by_score.insert(idx, ())?;
                     }
                 }
             }
         }
         txn.commit()?;
     }
-    let r = rate(n, started);
+    let r = rate(writes.len(), started);
     drop(db);
     let _ = std::fs::remove_dir_all(dir);
     Ok(r)

@@ -53,7 +53,8 @@ const DEAD: TableDefinition<(&str, u64), &str> = TableDefinition::new("dead_lett
 /// generation -> dead letters recorded so far
 const DEAD_COUNT: TableDefinition<&str, u64> = TableDefinition::new("dead_count");
 
-const CACHE_BYTES: usize = 64 << 20;
+/// redb's page cache for the read models.
+pub const CACHE_BYTES: usize = 64 << 20;
 
 /// The layout this version writes. 1: sets and distinct values inside each key's
 /// record; 2: as rows of their own; 3: each generation's read models in tables
