@@ -242,15 +242,17 @@ fn apply_event(
             // Already in the stored document (an earlier attempt of this batch).
             continue;
         }
+        // What the read model holds is looked up only for operations that read it.
+        let reads = op.reads_doc;
         let ctx = Ctx {
             env,
             key,
-            batch: fx.docs.get(key),
+            batch: reads.then(|| fx.docs.get(key)).flatten(),
             own: OwnChanges {
                 key: k,
                 changes: &changes,
             },
-            stored: stored.fields.get(key),
+            stored: reads.then(|| stored.fields.get(key)).flatten(),
             def,
         };
         match &op.kind {
@@ -363,7 +365,8 @@ struct OwnChanges<'a, 'd> {
 struct Ctx<'a> {
     env: &'a Envelope,
     key: &'a str,
-    /// The key's delta in the batch so far (this event's changes not included).
+    /// The key's delta in the batch so far (this event's changes not included);
+    /// looked up, with `stored`, only for an operation that reads the read model.
     batch: Option<&'a DocDelta>,
     own: OwnChanges<'a, 'a>,
     stored: Option<&'a BTreeMap<String, Value>>,
