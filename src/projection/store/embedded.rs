@@ -961,6 +961,11 @@ mod tests {
         // A file of the current layout keeps its read models.
         let w = db.begin_write().unwrap();
         w.open_table(CKPT).unwrap().insert(("p:1", 0), 7).unwrap();
+        let g1 = Tables::of("p:1");
+        w.open_table(g1.docs())
+            .unwrap()
+            .insert("k", &b"{}"[..])
+            .unwrap();
         w.open_table(FORMAT)
             .unwrap()
             .insert("layout", LAYOUT + 1)
@@ -983,5 +988,6 @@ mod tests {
         let db = Database::open(&path).unwrap();
         let txn = db.begin_read().unwrap();
         assert_eq!(txn.open_table(CKPT).unwrap().len().unwrap(), 1);
+        assert_eq!(txn.open_table(g1.docs()).unwrap().len().unwrap(), 1);
     }
 }
