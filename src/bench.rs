@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 use crate::config::{Config, LogBackend};
 use crate::demo::{DemoConfig, Generator};
-use crate::log::{EventLog, ProduceRecord, Record, TopicSpec};
+use crate::log::{ConsumedRecord, EventLog, ProduceRecord, Record, TopicSpec};
 use crate::projection::store::embedded::{
     CACHE_BYTES as EMBEDDED_KV_CACHE_BYTES, DURABLE_EVERY, ordered,
 };
@@ -528,16 +528,8 @@ async fn raw_read(log: &Arc<dyn EventLog>, topic: &str) -> anyhow::Result<f64> {
     for (p, end) in ends.into_iter().enumerate() {
         let (log, topic) = (log.clone(), topic.to_owned());
         partitions.spawn(async move {
-            let mut reader = log.reader(&topic, p as u32, 0).await?;
-            let (mut got, mut at) = (0, 0);
-            while at < end {
-                let batch = reader.next(BATCH, Duration::from_secs(10)).await?;
-                if batch.records.is_empty() && batch.next_offset <= at {
-                    bail!("reading {topic}/{p} stalled at offset {at} of {end}");
-                }
-                got += batch.records.len();
-                at = batch.next_offset;
-            }
+            let mut got = 0;
+            read_partition(&log, &topic, p as u32, end, |records| got += records.len()).await?;
             Ok::<_, anyhow::Error>(got)
         });
     }
@@ -546,6 +538,29 @@ async fn raw_read(log: &Arc<dyn EventLog>, topic: &str) -> anyhow::Result<f64> {
         read += got??;
     }
     Ok(rate(read, started))
+}
+
+/// Reads partition `p` of `topic` from its start to `end` through the log
+/// adapter, in reads of [`BATCH`] records, handing each read's records to
+/// `each`.
+async fn read_partition(
+    log: &Arc<dyn EventLog>,
+    topic: &str,
+    p: u32,
+    end: u64,
+    mut each: impl FnMut(Vec<ConsumedRecord>),
+) -> anyhow::Result<()> {
+    let mut reader = log.reader(topic, p, 0).await?;
+    let mut at = 0;
+    while at < end {
+        let batch = reader.next(BATCH, Duration::from_secs(10)).await?;
+        if batch.records.is_empty() && batch.next_offset <= at {
+            bail!("reading {topic}/{p} stalled at offset {at} of {end}");
+        }
+        at = batch.next_offset;
+        each(batch.records);
+    }
+    Ok(())
 }
 
 /// A bare rdkafka producer with refold's settings (`acks=all`, idempotence,
@@ -742,15 +757,8 @@ async fn post_stats_writes(
     let mut tribes = std::collections::HashMap::new();
     let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
     for (p, end) in log.end_offsets(topic).await?.into_iter().enumerate() {
-        let mut reader = log.reader(topic, p as u32, 0).await?;
-        let mut at = 0;
-        while at < end {
-            let batch = reader.next(BATCH, Duration::from_secs(10)).await?;
-            if batch.records.is_empty() && batch.next_offset <= at {
-                bail!("reading {topic}/{p} stalled at offset {at} of {end}");
-            }
-            at = batch.next_offset;
-            for r in batch.records {
+        read_partition(log, topic, p as u32, end, |records| {
+            for r in records {
                 let e: Value = r
                     .record
                     .value
@@ -794,7 +802,8 @@ async fn post_stats_writes(
                     _ => Vec::new(),
                 });
             }
-        }
+        })
+        .await?;
     }
     Ok(out)
 }

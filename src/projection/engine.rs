@@ -537,8 +537,9 @@ async fn run_partition(
             };
             let room = u32::try_from(more.bytes)
                 .ok()
+                .filter(|_| batch.count + more.count <= ctx.batch)
                 .and_then(|n| ctx.fold_buffer.try_acquire_many(n).ok());
-            let Some(room) = room.filter(|_| batch.count + more.count <= ctx.batch) else {
+            let Some(room) = room else {
                 held = Some(more);
                 break;
             };

@@ -18,7 +18,8 @@
 //! are tables of their own ([`Tables`]), keyed by byte strings ([`part`]), so a
 //! key compares as one byte string and dropping a generation drops its tables.
 //! The file records its layout ([`LAYOUT`]): read models written in an older
-//! layout are dropped when the file is opened and rebuilt from the log. Differences from Redis, by design:
+//! layout are dropped when the file is opened and rebuilt from the log.
+//! Differences from Redis, by design:
 //! `count_distinct` is exact here (a set of the values seen) where Redis estimates
 //! with HyperLogLog; rankings keep a score index so the top members are a range
 //! scan, ordered as ZREVRANGE orders them.
@@ -515,15 +516,6 @@ fn apply_effects(txn: &WriteTransaction, gid: &str, fx: &Effects) -> Result<(), 
     Ok(())
 }
 
-/// Removes every entry of `table` whose first key element is `gid`.
-macro_rules! drop_prefix {
-    ($txn:expr, $table:expr, $gid:expr, $lo:expr, $hi:expr) => {{
-        let mut t = $txn.open_table($table)?;
-        t.retain_in($lo..$hi, |_, _| false)?;
-        let _ = $gid;
-    }};
-}
-
 #[async_trait]
 impl Store for EmbeddedKv {
     fn backend(&self) -> &'static str {
@@ -668,8 +660,10 @@ impl Store for EmbeddedKv {
             txn.delete_table(tables.members())?;
             txn.delete_table(tables.rank())?;
             txn.delete_table(tables.rank_idx())?;
-            drop_prefix!(txn, CKPT, g, (g, 0u32), (h, 0u32));
-            drop_prefix!(txn, DEAD, g, (g, 0u64), (h, 0u64));
+            txn.open_table(CKPT)?
+                .retain_in((g, 0u32)..(h, 0u32), |_, _| false)?;
+            txn.open_table(DEAD)?
+                .retain_in((g, 0u64)..(h, 0u64), |_, _| false)?;
             txn.open_table(DEAD_COUNT)?.remove(g)?;
             txn.commit()?;
             Ok(())

@@ -220,10 +220,10 @@ pub trait Session: Send {
     ) -> StoreResult<DocReads>;
 
     /// Applies `effects` and sets the checkpoint to `next` if the checkpoint is
-    /// still `expected`; otherwise applies nothing. (Shared, not copied, into an
-    /// adapter's blocking work.) Key-value stores do both in
+    /// still `expected`; otherwise applies nothing. Key-value stores do both in
     /// one atomic step; document stores write the documents (stamped with `next`
     /// for this partition) and then the checkpoint, so re-applying is harmless.
+    /// The effects are shared, not copied, into an adapter's blocking work.
     async fn commit(
         &mut self,
         expected: Option<u64>,
